@@ -1,0 +1,28 @@
+"""fhmv_jax: factorial hidden Markov volatility models for market-regime detection, in JAX.
+
+Float64 is enabled on import (the library's default on CPU); set the environment variable
+``FHMV_JAX_ENABLE_X64=0`` before importing to keep JAX's float32 default, e.g. on GPUs, or
+cast a model with ``FHMV.astype(jnp.float32)``.
+"""
+
+import os
+
+import jax
+
+if os.environ.get("FHMV_JAX_ENABLE_X64", "1") != "0":
+    jax.config.update("jax_enable_x64", True)
+
+from .model import FHMV, Factors, FHMVParams, FilterResult, ModelSpec, Sample, SmoothResult  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FHMV",
+    "FHMVParams",
+    "Factors",
+    "FilterResult",
+    "ModelSpec",
+    "Sample",
+    "SmoothResult",
+    "__version__",
+]

@@ -1,0 +1,67 @@
+"""Input validation, run outside jit on concrete arrays, with messages that name the problem."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .model.spec import ModelSpec
+
+
+def _is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _non_finite_rows(name: str, values: np.ndarray) -> None:
+    bad = ~np.isfinite(values)
+    if bad.ndim > 1:
+        bad = bad.reshape(bad.shape[0], -1).any(axis=1)
+    rows = np.flatnonzero(bad)
+    if rows.size:
+        shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if rows.size > 5 else "")
+        raise ValueError(f"{name} has NaN or inf values in {rows.size} row(s): {shown}")
+
+
+def check_observations(spec: ModelSpec, y, x=None, *, dtype=None, min_steps: int = 1):
+    """Validate observations and the driver; return them as arrays of ``dtype``.
+
+    Args:
+        spec: the model spec (feature count, leverage mode, driver feature).
+        y: [T, D] observations.
+        x: optional [T] driver; taken from ``y[:, spec.driver_feature]`` when omitted and the
+            spec names a driver feature.
+        dtype: the model's float dtype.
+        min_steps: the fewest time steps accepted.
+
+    Returns:
+        (y, x) with x ``None`` when the leverage mode needs no driver.
+
+    Raises:
+        ValueError: wrong rank, shape or feature count; too few steps; NaN or inf; a missing
+            driver for a leverage mode that needs one.
+    """
+    y = jnp.asarray(y, dtype=dtype)
+    if y.ndim != 2:
+        raise ValueError(f"y must be a [T, D] array of observations, got shape {y.shape}")
+    num_steps, num_features = y.shape
+    if num_features != spec.num_features:
+        raise ValueError(f"y has {num_features} features but the model expects num_features={spec.num_features}")
+    if num_steps < min_steps:
+        raise ValueError(f"y has {num_steps} time steps; at least {min_steps} are needed")
+    if not _is_traced(y):
+        _non_finite_rows("y", np.asarray(y))
+    if not spec.needs_driver:
+        return y, None
+    if x is None:
+        if spec.driver_feature is None:
+            raise ValueError(
+                f"leverage={spec.leverage!r} needs a driver: pass x (shape [T]) or set ModelSpec.driver_feature"
+            )
+        return y, y[:, spec.driver_feature]
+    x = jnp.asarray(x, dtype=dtype)
+    if x.shape != (num_steps,):
+        raise ValueError(f"driver x must have shape ({num_steps},) to match y, got {x.shape}")
+    if not _is_traced(x):
+        _non_finite_rows("x", np.asarray(x))
+    return y, x

@@ -1,0 +1,73 @@
+"""Factor-by-factor operations on the joint state tensor.
+
+The joint transition of a factorial HMM is the Kronecker product of its factors'
+matrices. A message over the joint state is kept as a tensor with one axis per factor,
+and each factor's matrix is applied along its own axis, so one step costs
+O(S * sum_f n_f) instead of O(S^2).
+
+``transitions`` is a tuple with one matrix per axis: [n, n] if time-invariant or
+[T, n, n] if time-varying, where entry t maps the state at t - 1 to the state at t
+(entry 0 is never used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .._types import Array, Float
+
+Transitions = tuple[Array, ...]
+
+
+def apply_along_axis(
+    message: Array, matrix: Float[Array, "n n"], axis: int, *, transpose: bool = False
+) -> Array:
+    """out[..., j, ...] = sum_i message[..., i, ...] P[i, j] (or P[j, i] with ``transpose``)."""
+    contracted = jnp.tensordot(message, matrix, axes=([axis], [1 if transpose else 0]))
+    return jnp.moveaxis(contracted, -1, axis)
+
+
+def propagate(message: Array, matrices: Sequence[Array], *, transpose: bool = False, skip: int | None = None) -> Array:
+    """Apply every factor's matrix along its axis (all but axis ``skip``, if given)."""
+    for axis, matrix in enumerate(matrices):
+        if axis != skip:
+            message = apply_along_axis(message, matrix, axis, transpose=transpose)
+    return message
+
+
+def max_along_axis(log_message: Array, log_matrix: Float[Array, "n n"], axis: int) -> Array:
+    """out[..., j, ...] = max_i (log_message[..., i, ...] + log P[i, j])."""
+    moved = jnp.moveaxis(log_message, axis, 0)
+    expanded = moved[:, None] + log_matrix.reshape(log_matrix.shape + (1,) * (moved.ndim - 1))
+    return jnp.moveaxis(jnp.max(expanded, axis=0), 0, axis)
+
+
+def time_varying(transitions: Transitions) -> tuple[Array, ...]:
+    """The [T, n, n] members of ``transitions``, to be scanned over."""
+    return tuple(m for m in transitions if m.ndim == 3)
+
+
+def at_step(transitions: Transitions, step_slices: Sequence[Array]) -> tuple[Array, ...]:
+    """``transitions`` with each time-varying member replaced by its slice at one step."""
+    slices = iter(step_slices)
+    return tuple(next(slices) if m.ndim == 3 else m for m in transitions)
+
+
+def state_axes(ndim: int, leading: int = 1) -> tuple[int, ...]:
+    """Axes of the state tensor in an array with ``leading`` batch/time axes."""
+    return tuple(range(leading, leading + ndim))
+
+
+def normalise(probs: Array, axes: tuple[int, ...]) -> Array:
+    return probs / jnp.sum(probs, axis=axes, keepdims=True)
+
+
+def scaled_likelihoods(log_likelihoods: Float[Array, "T ..."]) -> tuple[Array, Float[Array, " T"]]:
+    """exp(log b_t - m_t) with m_t = max over states: in (0, 1], no overflow; returns (B, m)."""
+    axes = state_axes(log_likelihoods.ndim - 1)
+    shift = jax.lax.stop_gradient(jnp.max(log_likelihoods, axis=axes))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    return jnp.exp(log_likelihoods - shift.reshape((-1,) + (1,) * len(axes))), shift

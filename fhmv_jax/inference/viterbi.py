@@ -1,0 +1,63 @@
+"""Most likely joint state path (Viterbi) over a factorial state tensor."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .._types import Array, Float, Int
+from ._ops import Transitions, at_step, max_along_axis, time_varying
+
+
+def _column_log_probs(log_matrices: tuple[Array, ...], next_state: tuple[Array, ...]) -> Array:
+    """log P(h, h') for every h and one fixed h': the outer sum of the factors' columns."""
+    total = jnp.zeros(())
+    ndim = len(log_matrices)
+    for axis, (log_matrix, index) in enumerate(zip(log_matrices, next_state)):
+        shape = [1] * ndim
+        shape[axis] = log_matrix.shape[0]
+        total = total + log_matrix[:, index].reshape(shape)
+    return total
+
+
+def most_likely_states(
+    initial_probs: Float[Array, "..."],
+    transitions: Transitions,
+    log_likelihoods: Float[Array, "T ..."],
+) -> Int[Array, "T F"]:
+    """Viterbi path in log space, one factor's max-product at a time.
+
+    delta_t(h') = max_h [delta_{t-1}(h) + log P_t(h, h')] + log b_t(h'); the maximisation over
+    h = (h_1, ..., h_F) runs axis by axis, max_{h_F} ... max_{h_1}, each step an O(S * n_f)
+    max-plus product. Backtracking recomputes argmax_h [delta_{t-1}(h) + log P_t(h, h'_t)] from
+    the stored deltas (one S-vector per step) instead of storing F back-pointer tensors.
+
+    Returns:
+        [T, F] the index of every factor's state along the path.
+    """
+    shape = log_likelihoods.shape[1:]
+    log_transitions = tuple(jnp.log(m) for m in transitions)
+    dynamic = time_varying(log_transitions)
+
+    def _forward(log_delta, inputs):
+        ll_t, matrices_t = inputs
+        for axis, log_matrix in enumerate(at_step(log_transitions, matrices_t)):
+            log_delta = max_along_axis(log_delta, log_matrix, axis)
+        log_delta = log_delta + ll_t
+        log_delta = log_delta - jnp.max(log_delta)
+        return log_delta, log_delta
+
+    first = jnp.log(initial_probs) + log_likelihoods[0]
+    first = first - jnp.max(first)
+    _, later = jax.lax.scan(_forward, first, (log_likelihoods[1:], tuple(m[1:] for m in dynamic)))
+    log_deltas = jnp.concatenate([first[None], later])
+
+    def _backward(next_state, inputs):
+        log_delta, matrices_next = inputs
+        scores = log_delta + _column_log_probs(at_step(log_transitions, matrices_next), next_state)
+        state = jnp.unravel_index(jnp.argmax(scores), shape)
+        return state, jnp.stack(state)
+
+    last = jnp.unravel_index(jnp.argmax(log_deltas[-1]), shape)
+    _, earlier = jax.lax.scan(_backward, last, (log_deltas[:-1], tuple(m[1:] for m in dynamic)), reverse=True)
+    return jnp.concatenate([earlier, jnp.stack(last)[None]])

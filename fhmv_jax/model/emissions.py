@@ -1,0 +1,110 @@
+"""Multivariate Student-t (or Gaussian) mixture emissions with a volatility scale (MODEL.md section 3).
+
+For component (g, k) with U = chol(Sigma_{g,k}) and a scale s, the covariance is
+Lambda Sigma Lambda with Lambda = diag(s^{a_d / 2}) (a_d = 1 for every feature unless a
+scale mask is set, so that it is s * Sigma). Writing z = y - mu and splitting it into its
+scaled part z_a = a * z and the rest z_r,
+
+    delta(s) = ||U^{-1} z_a||^2 / s + 2 <U^{-1} z_a, U^{-1} z_r> / sqrt(s) + ||U^{-1} z_r||^2,
+
+so the three quadratic forms are computed once per (t, g, k), never per combined state:
+
+    log t_D(y; mu, Lambda Sigma Lambda, nu) = lgamma((nu + D) / 2) - lgamma(nu / 2) - (D / 2) log(nu pi)
+        - (1 / 2) log|Sigma| - (D_s / 2) log s - ((nu + D) / 2) log(1 + delta(s) / nu).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import gammaln
+
+from .._types import Array, Float
+from .spec import ModelSpec
+
+
+class MahalanobisTerms(NamedTuple):
+    """Quadratic forms of z = y_t - mu_{g,k} under Sigma_{g,k}^{-1}, each [T, G, K].
+
+    ``scaled`` is ||U^{-1} z_a||^2; ``cross`` and ``rest`` (``None`` without a scale mask) are
+    <U^{-1} z_a, U^{-1} z_r> and ||U^{-1} z_r||^2.
+    """
+
+    scaled: Float[Array, "T G K"]
+    cross: Float[Array, "T G K"] | None
+    rest: Float[Array, "T G K"] | None
+
+
+def inverse_cholesky(chol: Float[Array, "G K D D"]) -> Float[Array, "G K D D"]:
+    """U^{-1} for lower-triangular U (computed once per model, outside any scan)."""
+    eye = jnp.broadcast_to(jnp.eye(chol.shape[-1], dtype=chol.dtype), chol.shape)
+    return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+
+
+def mahalanobis_terms(
+    y: Float[Array, "T D"],
+    means: Float[Array, "G K D"],
+    inv_chol: Float[Array, "G K D D"],
+    scale_mask: tuple[bool, ...] | None,
+) -> MahalanobisTerms:
+    """Whitened residuals' squared norms; see the module docstring."""
+    whitened = jnp.einsum("gkde,te->tgkd", inv_chol, y) - jnp.einsum("gkde,gke->gkd", inv_chol, means)
+    if scale_mask is None:
+        return MahalanobisTerms(jnp.sum(whitened**2, axis=-1), None, None)
+    mask = jnp.asarray(scale_mask, dtype=y.dtype)
+    rest_part = jnp.einsum("gkde,te->tgkd", inv_chol * (1 - mask), y) - jnp.einsum(
+        "gkde,gke->gkd", inv_chol * (1 - mask), means
+    )
+    scaled_part = whitened - rest_part
+    return MahalanobisTerms(
+        jnp.sum(scaled_part**2, axis=-1),
+        jnp.sum(scaled_part * rest_part, axis=-1),
+        jnp.sum(rest_part**2, axis=-1),
+    )
+
+
+def scaled_mahalanobis(terms: MahalanobisTerms, log_scale: Float[Array, "T V"]) -> Float[Array, "T G K V"]:
+    """delta(s) for every (t, g, k) and volatility sub-state v, with log s = ``log_scale[t, v]``."""
+    inv_scale = jnp.exp(-log_scale)[:, None, None, :]
+    delta = terms.scaled[..., None] * inv_scale
+    if terms.cross is None:
+        return delta
+    return delta + 2 * terms.cross[..., None] * jnp.sqrt(inv_scale) + terms.rest[..., None]
+
+
+def component_log_normalisers(
+    spec: ModelSpec, chol: Float[Array, "G K D D"], dof: Float[Array, "G K"] | None
+) -> Float[Array, "G K"]:
+    """Everything in log t_D (or log N) that depends on neither y nor s."""
+    D = spec.num_features
+    half_log_det = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    if spec.gaussian:
+        return -0.5 * D * math.log(2 * math.pi) - half_log_det
+    return gammaln((dof + D) / 2) - gammaln(dof / 2) - 0.5 * D * jnp.log(dof * math.pi) - half_log_det
+
+
+def component_log_densities(
+    spec: ModelSpec,
+    normalisers: Float[Array, "G K"],
+    dof: Float[Array, "G K"] | None,
+    delta: Float[Array, "T G K V"],
+    log_scale: Float[Array, "T V"],
+) -> Float[Array, "T G K V"]:
+    """log t_D(y_t; mu_{g,k}, s_{t,v} Sigma_{g,k}, nu_{g,k}) (or the Gaussian density)."""
+    scale_term = -0.5 * spec.num_scaled_features * log_scale[:, None, None, :]
+    if spec.gaussian:
+        kernel = -0.5 * delta
+    else:
+        nu = dof[..., None]
+        kernel = -0.5 * (nu + spec.num_features) * jnp.log1p(delta / nu)
+    return normalisers[..., None] + scale_term + kernel
+
+
+def mixture_log_densities(
+    log_weights: Float[Array, "G K"], component_log_dens: Float[Array, "T G K V"]
+) -> Float[Array, "T G V"]:
+    """log b_t(g, v) = LSE_k (log w_{g,k} + log t_D(...))."""
+    return jax.nn.logsumexp(component_log_dens + log_weights[None, :, :, None], axis=2)
