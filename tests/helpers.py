@@ -85,9 +85,8 @@ def _factor_values(spec, natural, x):
     return axes
 
 
-def reference_leverage(spec, natural, x) -> np.ndarray:
+def reference_leverage(spec, natural, x, T) -> np.ndarray:
     """L_t for predictable leverage by a plain loop (ones otherwise)."""
-    T = len(x) if x is not None else 0
     L = np.ones(T)
     if spec.leverage != "predictable":
         return L
@@ -129,7 +128,7 @@ def reference_log_emissions(spec, natural, y, x) -> np.ndarray:
     scales = np.ones(1)
     for _, _, values in axes[1:]:
         scales = np.multiply.outer(scales, values).reshape(-1)
-    L = reference_leverage(spec, natural, x)
+    L = reference_leverage(spec, natural, x, T)
     mask = np.ones(D) if spec.scale_mask is None else np.asarray(spec.scale_mask, float)
     out = np.empty((T, spec.num_regimes, scales.size))
     for t in range(T):

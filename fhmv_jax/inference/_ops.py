@@ -22,12 +22,27 @@ from .._types import Array, Float
 Transitions = tuple[Array, ...]
 
 
+UNROLL = 8
+"""Scan unroll factor: XLA's per-iteration overhead dominates these small steps on CPU."""
+
+
+def _axis_shape(ndim: int, axis: int, sizes: tuple[int, int]) -> list[int]:
+    shape = [1] * (ndim + 1)
+    shape[axis], shape[axis + 1] = sizes
+    return shape
+
+
 def apply_along_axis(
     message: Array, matrix: Float[Array, "n n"], axis: int, *, transpose: bool = False
 ) -> Array:
-    """out[..., j, ...] = sum_i message[..., i, ...] P[i, j] (or P[j, i] with ``transpose``)."""
-    contracted = jnp.tensordot(message, matrix, axes=([axis], [1 if transpose else 0]))
-    return jnp.moveaxis(contracted, -1, axis)
+    """out[..., j, ...] = sum_i message[..., i, ...] P[i, j] (or P[j, i] with ``transpose``).
+
+    Written as a broadcast product and a sum, which XLA fuses into one loop; a dot product
+    per factor costs several times more on these small tensors.
+    """
+    matrix = matrix.T if transpose else matrix
+    expanded = jnp.expand_dims(message, axis + 1)
+    return jnp.sum(expanded * matrix.reshape(_axis_shape(message.ndim, axis, matrix.shape)), axis=axis)
 
 
 def propagate(message: Array, matrices: Sequence[Array], *, transpose: bool = False, skip: int | None = None) -> Array:
@@ -40,9 +55,8 @@ def propagate(message: Array, matrices: Sequence[Array], *, transpose: bool = Fa
 
 def max_along_axis(log_message: Array, log_matrix: Float[Array, "n n"], axis: int) -> Array:
     """out[..., j, ...] = max_i (log_message[..., i, ...] + log P[i, j])."""
-    moved = jnp.moveaxis(log_message, axis, 0)
-    expanded = moved[:, None] + log_matrix.reshape(log_matrix.shape + (1,) * (moved.ndim - 1))
-    return jnp.moveaxis(jnp.max(expanded, axis=0), 0, axis)
+    expanded = jnp.expand_dims(log_message, axis + 1)
+    return jnp.max(expanded + log_matrix.reshape(_axis_shape(log_message.ndim, axis, log_matrix.shape)), axis=axis)
 
 
 def time_varying(transitions: Transitions) -> tuple[Array, ...]:

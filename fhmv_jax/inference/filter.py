@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Scalar
-from ._ops import Transitions, at_step, propagate, scaled_likelihoods, time_varying
+from ._ops import UNROLL, Transitions, at_step, propagate, scaled_likelihoods, time_varying
 
 
 class FilterPosterior(NamedTuple):
@@ -55,6 +55,6 @@ def forward_filter(
         filtered = joint / normaliser
         return propagate(filtered, at_step(transitions, matrices_next)), (filtered, normaliser)
 
-    _, (filtered, normalisers) = jax.lax.scan(_step, initial_probs, (scaled, next_step))
+    _, (filtered, normalisers) = jax.lax.scan(_step, initial_probs, (scaled, next_step), unroll=UNROLL)
     marginal_loglik = jnp.sum(jnp.log(normalisers)) + jnp.sum(shift)
     return FilterPosterior(marginal_loglik, filtered, scaled, normalisers)

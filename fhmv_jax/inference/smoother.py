@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Scalar
-from ._ops import Transitions, at_step, normalise, propagate, state_axes, time_varying
+from ._ops import UNROLL, Transitions, apply_along_axis, at_step, normalise, state_axes, time_varying
 from .filter import FilterPosterior, forward_filter
 
 
@@ -29,53 +29,68 @@ class SmootherPosterior(NamedTuple):
     pairwise: tuple[Float[Array, "T1 n n"], ...]
 
 
-def backward_filter(transitions: Transitions, forward: FilterPosterior) -> Float[Array, "T ..."]:
-    """Scaled backward messages beta_hat_t = p(y_{t+1:T} | h_t) / p(y_{t+1:T} | y_{1:t}).
+def _contract_except(left: Array, right: Array, axis: int) -> Float[Array, "n n"]:
+    """sum over every axis but ``axis`` of left[..., a, ...] * right[..., b, ...] -> [a, b]."""
+    n = left.shape[axis]
+    left = jnp.moveaxis(left, axis, 0).reshape(n, 1, -1)
+    right = jnp.moveaxis(right, axis, 0).reshape(1, n, -1)
+    return jnp.sum(left * right, axis=-1)
 
-    beta_hat_T = 1;  beta_hat_{t-1} = P_t (b_t * beta_hat_t) / c_t.
+
+def backward_step(
+    alpha_prev: Array, weighted_next: Array, matrices: tuple[Array, ...]
+) -> tuple[Array, tuple[Float[Array, "n n"], ...]]:
+    """One backward step: beta_hat_{t-1} and the per-factor two-slice marginals at t.
+
+    With r_t = b_t * beta_hat_t / c_t (``weighted_next``), beta_hat_{t-1} = P_t r_t and
+    xi_t(h, h') = alpha_{t-1}(h) prod_g P_g(h_g, h'_g) r_t(h'). For factor f, move alpha
+    forward along the factors before f and r backward along the factors after f; their
+    contraction over every other axis, times P_f, is xi^f_t. The S x S xi is never formed:
+    all F marginals take 2 (F - 1) factor applications, and beta_hat_{t-1} one more.
+
+    Returns:
+        (beta_hat_{t-1} [*shape], one [n_f, n_f] marginal per factor).
+    """
+    num = len(matrices)
+    forward = [alpha_prev]
+    for axis in range(num - 1):
+        forward.append(apply_along_axis(forward[-1], matrices[axis], axis))
+    backward = [weighted_next]
+    for axis in range(num - 1, 0, -1):
+        backward.append(apply_along_axis(backward[-1], matrices[axis], axis, transpose=True))
+    backward.reverse()
+    beta_prev = apply_along_axis(backward[0], matrices[0], 0, transpose=True)
+    pairwise = tuple(matrices[f] * _contract_except(forward[f], backward[f], f) for f in range(num))
+    return beta_prev, pairwise
+
+
+def backward_pass(
+    transitions: Transitions, forward: FilterPosterior
+) -> tuple[Float[Array, "T ..."], tuple[Float[Array, "T1 n n"], ...]]:
+    """Scaled backward messages and per-factor two-slice marginals.
+
+    beta_hat_T = 1;  beta_hat_{t-1} = P_t r_t with r_t = b_t * beta_hat_t / c_t, where
+    beta_hat_t = p(y_{t+1:T} | h_t) / p(y_{t+1:T} | y_{1:t}).
+
+    Returns:
+        (betas [T, *shape], pairwise: one [T-1, n_f, n_f] per factor).
     """
     scaled, normalisers = forward.scaled_likelihoods, forward.normalisers
 
     def _step(beta, inputs):
-        b_t, c_t, matrices_t = inputs
-        previous = propagate(b_t * beta / c_t, at_step(transitions, matrices_t), transpose=True)
-        return previous, previous
+        alpha_prev, b_t, c_t, matrices_t = inputs
+        previous, pairwise = backward_step(alpha_prev, b_t * beta / c_t, at_step(transitions, matrices_t))
+        return previous, (previous, pairwise)
 
     last = jnp.ones_like(scaled[0])
-    step_inputs = (scaled[1:], normalisers[1:], tuple(m[1:] for m in time_varying(transitions)))
-    _, earlier = jax.lax.scan(_step, last, step_inputs, reverse=True)
-    return jnp.concatenate([earlier, last[None]])
-
-
-def _factor_pairwise(
-    axis: int, alpha_prev: Array, weighted_next: Array, matrices: tuple[Array, ...]
-) -> Float[Array, "n n"]:
-    """xi^f(a, b) = P_f(a, b) sum_{other factors} (alpha_{t-1} moved by the other factors)(a) * r_t(b)."""
-    moved = propagate(alpha_prev, matrices, skip=axis)
-    n = matrices[axis].shape[-1]
-    left = jnp.moveaxis(moved, axis, 0).reshape(n, -1)
-    right = jnp.moveaxis(weighted_next, axis, 0).reshape(n, -1)
-    return matrices[axis] * (left @ right.T)
-
-
-def two_slice_marginals(
-    transitions: Transitions, forward: FilterPosterior, betas: Float[Array, "T ..."]
-) -> tuple[Float[Array, "T1 n n"], ...]:
-    """Per-factor two-slice marginals, vectorised over time; the S x S xi is never formed.
-
-    With r_t = b_t * beta_hat_t / c_t, xi_t(h, h') = alpha_{t-1}(h) P_t(h, h') r_t(h'), and the
-    Kronecker structure of P_t lets every factor's marginal be contracted from S-sized tensors.
-    """
-    alpha_prev = forward.filtered_probs[:-1]
-    ndim = alpha_prev.ndim - 1
-    weighted_next = forward.scaled_likelihoods[1:] * betas[1:] / forward.normalisers[1:].reshape((-1,) + (1,) * ndim)
-    step_matrices = tuple(m[1:] if m.ndim == 3 else m for m in transitions)
-    in_axes = tuple(0 if m.ndim == 3 else None for m in transitions)
-
-    def _at_time(a, r, matrices):
-        return tuple(_factor_pairwise(axis, a, r, matrices) for axis in range(ndim))
-
-    return jax.vmap(_at_time, in_axes=(0, 0, in_axes))(alpha_prev, weighted_next, step_matrices)
+    step_inputs = (
+        forward.filtered_probs[:-1],
+        scaled[1:],
+        normalisers[1:],
+        tuple(m[1:] for m in time_varying(transitions)),
+    )
+    _, (earlier, pairwise) = jax.lax.scan(_step, last, step_inputs, reverse=True, unroll=UNROLL)
+    return jnp.concatenate([earlier, last[None]]), pairwise
 
 
 def smoother(
@@ -94,8 +109,6 @@ def smoother(
         A ``SmootherPosterior``; gamma_t = alpha_hat_t * beta_hat_t.
     """
     forward = forward_filter(initial_probs, transitions, log_likelihoods)
-    betas = backward_filter(transitions, forward)
-    axes = state_axes(betas.ndim - 1)
-    smoothed = normalise(forward.filtered_probs * betas, axes)
-    pairwise = two_slice_marginals(transitions, forward, betas)
+    betas, pairwise = backward_pass(transitions, forward)
+    smoothed = normalise(forward.filtered_probs * betas, state_axes(betas.ndim - 1))
     return SmootherPosterior(forward.marginal_loglik, forward.filtered_probs, smoothed, pairwise)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Int
-from ._ops import Transitions, at_step, max_along_axis, time_varying
+from ._ops import UNROLL, Transitions, at_step, max_along_axis, time_varying
 
 
 def _column_log_probs(log_matrices: tuple[Array, ...], next_state: tuple[Array, ...]) -> Array:
@@ -49,7 +49,7 @@ def most_likely_states(
 
     first = jnp.log(initial_probs) + log_likelihoods[0]
     first = first - jnp.max(first)
-    _, later = jax.lax.scan(_forward, first, (log_likelihoods[1:], tuple(m[1:] for m in dynamic)))
+    _, later = jax.lax.scan(_forward, first, (log_likelihoods[1:], tuple(m[1:] for m in dynamic)), unroll=UNROLL)
     log_deltas = jnp.concatenate([first[None], later])
 
     def _backward(next_state, inputs):
@@ -59,5 +59,5 @@ def most_likely_states(
         return state, jnp.stack(state)
 
     last = jnp.unravel_index(jnp.argmax(log_deltas[-1]), shape)
-    _, earlier = jax.lax.scan(_backward, last, (log_deltas[:-1], tuple(m[1:] for m in dynamic)), reverse=True)
+    _, earlier = jax.lax.scan(_backward, last, (log_deltas[:-1], tuple(m[1:] for m in dynamic)), reverse=True, unroll=UNROLL)
     return jnp.concatenate([earlier, jnp.stack(last)[None]])

@@ -51,13 +51,13 @@ def mahalanobis_terms(
     scale_mask: tuple[bool, ...] | None,
 ) -> MahalanobisTerms:
     """Whitened residuals' squared norms; see the module docstring."""
-    whitened = jnp.einsum("gkde,te->tgkd", inv_chol, y) - jnp.einsum("gkde,gke->gkd", inv_chol, means)
+    def _whiten(factor):
+        return jnp.einsum("gkde,te->tgkd", factor, y) - jnp.einsum("gkde,gke->gkd", factor, means)[None]
+
+    whitened = _whiten(inv_chol)
     if scale_mask is None:
         return MahalanobisTerms(jnp.sum(whitened**2, axis=-1), None, None)
-    mask = jnp.asarray(scale_mask, dtype=y.dtype)
-    rest_part = jnp.einsum("gkde,te->tgkd", inv_chol * (1 - mask), y) - jnp.einsum(
-        "gkde,gke->gkd", inv_chol * (1 - mask), means
-    )
+    rest_part = _whiten(inv_chol * (1 - jnp.asarray(scale_mask, dtype=y.dtype))[None, None, None, :])
     scaled_part = whitened - rest_part
     return MahalanobisTerms(
         jnp.sum(scaled_part**2, axis=-1),
@@ -98,9 +98,9 @@ def component_log_densities(
     if spec.gaussian:
         kernel = -0.5 * delta
     else:
-        nu = dof[..., None]
+        nu = dof[None, :, :, None]
         kernel = -0.5 * (nu + spec.num_features) * jnp.log1p(delta / nu)
-    return normalisers[..., None] + scale_term + kernel
+    return normalisers[None, :, :, None] + scale_term + kernel
 
 
 def mixture_log_densities(

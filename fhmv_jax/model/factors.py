@@ -37,7 +37,7 @@ def markov_leverage_transitions(
     """P(V_t = j | V_{t-1} = i, x_{t-1}) = softmax_j(a_ij + b_ij x_{t-1}); entry 0 (no predecessor) is unused."""
     a, b = leverage_logits
     x_prev = jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]])
-    return jax.nn.softmax(a + b * x_prev[:, None, None], axis=-1)
+    return jax.nn.softmax(a[None] + b[None] * x_prev[:, None, None], axis=-1)
 
 
 def predictable_log_leverage(

@@ -101,7 +101,7 @@ class InferenceInputs(NamedTuple):
 def _outer(vectors) -> Array:
     total = vectors[0]
     for v in vectors[1:]:
-        total = total[..., None] * v
+        total = total[..., None] * v.reshape((1,) * total.ndim + v.shape)
     return total
 
 
@@ -212,11 +212,11 @@ def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> 
         new = []
         for k, law, matrix, s in zip(keys, laws, matrices, state):
             probs = jnp.where(t == 0, law, matrix[s])
-            new.append(jax.random.categorical(k, jnp.log(probs)))
+            new.append(jax.random.categorical(k, jnp.log(probs)).astype(jnp.int32))
         if spec.leverage == "markov":
             row = jax.nn.softmax(natural["leverage_logits"][0][state[-1]] + natural["leverage_logits"][1][state[-1]] * x_prev)
             probs = jnp.where(t == 0, jnp.full(2, 0.5, dtype), row)
-            new.append(jax.random.categorical(keys[-1], jnp.log(probs)))
+            new.append(jax.random.categorical(keys[-1], jnp.log(probs)).astype(jnp.int32))
         return tuple(new)
 
     def _step(carry, inputs):

@@ -97,7 +97,8 @@ def expected_keys(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 def cholesky_factor(chol_raw: Float[Array, "... D D"]) -> Float[Array, "... D D"]:
     """Lower Cholesky factor with a positive diagonal from its log-Cholesky storage."""
     diagonal = jnp.exp(jnp.diagonal(chol_raw, axis1=-2, axis2=-1))
-    return jnp.tril(chol_raw, -1) + diagonal[..., None] * jnp.eye(chol_raw.shape[-1], dtype=chol_raw.dtype)
+    eye = jnp.broadcast_to(jnp.eye(chol_raw.shape[-1], dtype=chol_raw.dtype), chol_raw.shape)
+    return jnp.tril(chol_raw, -1) + diagonal[..., None] * eye
 
 
 def _bounded(raw, low, high):
@@ -111,7 +112,7 @@ def jump_transition_matrix(spec: ModelSpec, params: FHMVParams) -> Float[Array, 
         q_back = jax.nn.sigmoid(params.jump_back_raw)
         return jnp.stack([jnp.stack([1 - q, q]), jnp.stack([q_back, 1 - q_back])])
     phi = jnp.zeros_like(q) if spec.jump_mode == "iid" else jax.nn.sigmoid(params.jump_phi_raw)
-    return phi * jnp.eye(spec.num_jump_states, dtype=q.dtype) + (1 - phi) * jump_family_law(q, spec.num_jump_states)
+    return phi * jnp.eye(spec.num_jump_states, dtype=q.dtype) + (1 - phi) * jump_family_law(q, spec.num_jump_states)[None, :]
 
 
 def jump_family_law(q: Float[Array, ""], num_states: int) -> Float[Array, " M"]:

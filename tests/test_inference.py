@@ -1,0 +1,84 @@
+"""Filter, smoother, two-slice marginals and Viterbi against brute-force path enumeration."""
+
+import numpy as np
+import pytest
+from conftest import TINY_SPECS
+from helpers import brute_force, random_natural
+
+from fhmv_jax import FHMV
+
+
+def _per_factor_pairwise(spec, full_pairwise):
+    """Sum the brute-force S x S two-slice marginals down to each factor's n x n."""
+    shape = spec.state_shape
+    T1 = full_pairwise.shape[0]
+    tensor = full_pairwise.reshape((T1,) + shape + shape)
+    F = len(shape)
+    out = []
+    for f in range(F):
+        keep = (1 + f, 1 + F + f)
+        axes = tuple(a for a in range(1, 1 + 2 * F) if a not in keep)
+        out.append(tensor.sum(axis=axes))
+    return out
+
+
+def _per_factor_marginals(spec, joint):
+    T = joint.shape[0]
+    tensor = joint.reshape((T,) + spec.state_shape)
+    F = len(spec.state_shape)
+    return [tensor.sum(axis=tuple(a for a in range(1, F + 1) if a != f + 1)) for f in range(F)]
+
+
+def _factor_list(factors):
+    """Flatten a ``Factors`` of per-factor arrays into axis order (chains split out)."""
+    out = [np.asarray(factors.regime)]
+    if factors.persistence is not None:
+        out += [np.asarray(factors.persistence)[:, n] for n in range(factors.persistence.shape[1])]
+    out += [np.asarray(a) for a in (factors.jump, factors.leverage) if a is not None]
+    return out
+
+
+@pytest.mark.parametrize("name", list(TINY_SPECS))
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_against_brute_force(rng, name, T):
+    spec = TINY_SPECS[name]
+    if spec.num_states ** T > 70000:
+        T = 3
+    natural = random_natural(spec, rng)
+    model = FHMV.from_natural_parameters(spec, **natural)
+    y = rng.normal(size=(T, spec.num_features)) * 1.5
+    x = rng.normal(size=T)
+    x_arg = x if spec.needs_driver else None
+    ref = brute_force(spec, natural, y, x)
+
+    np.testing.assert_allclose(model.log_likelihood(y, x_arg), ref["loglik"], rtol=1e-12)
+
+    filtered = model.filter(y, x_arg)
+    np.testing.assert_allclose(filtered.log_likelihood, ref["loglik"], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(filtered.joint).reshape(T, -1), ref["filtered"], atol=1e-12)
+    for got, want in zip(_factor_list(filtered.marginals), _per_factor_marginals(spec, ref["filtered"])):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+    smoothed = model.smooth(y, x_arg)
+    np.testing.assert_allclose(np.asarray(smoothed.joint).reshape(T, -1), ref["smoothed"], atol=1e-12)
+    for got, want in zip(_factor_list(smoothed.marginals), _per_factor_marginals(spec, ref["smoothed"])):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    for got, want in zip(_factor_list(smoothed.pairwise), _per_factor_pairwise(spec, ref["pairwise"])):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+    path = model.viterbi(y, x_arg)
+    want_path = np.stack(np.unravel_index(ref["viterbi"], spec.state_shape), axis=1)
+    got_path = np.stack(_factor_list(path) if T > 1 else [a.reshape(1) for a in _factor_list(path)], axis=1)
+    np.testing.assert_array_equal(got_path.reshape(T, -1), want_path)
+
+
+def test_pairwise_is_consistent_with_marginals(rng):
+    """Summing a two-slice marginal over either end gives the smoothed marginal there."""
+    spec = TINY_SPECS["markov"]
+    model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
+    y, x = rng.normal(size=(60, 2)), rng.normal(size=60)
+    result = model.smooth(y, x)
+    for pair, marg in zip(_factor_list(result.pairwise), _factor_list(result.marginals)):
+        np.testing.assert_allclose(pair.sum(-1), marg[:-1], atol=1e-10)
+        np.testing.assert_allclose(pair.sum(-2), marg[1:], atol=1e-10)
