@@ -13,6 +13,7 @@ if os.environ.get("FHMV_JAX_ENABLE_X64", "1") != "0":
     jax.config.update("jax_enable_x64", True)
 
 from .model import FHMV, Factors, FHMVParams, FilterResult, ModelSpec, Sample, SmoothResult  # noqa: E402
+from .em import FitResult, em_step, fit_em, init_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,12 @@ __all__ = [
     "FHMVParams",
     "Factors",
     "FilterResult",
+    "FitResult",
     "ModelSpec",
     "Sample",
     "SmoothResult",
     "__version__",
+    "em_step",
+    "fit_em",
+    "init_model",
 ]

@@ -65,3 +65,54 @@ def check_observations(spec: ModelSpec, y, x=None, *, dtype=None, min_steps: int
     if not _is_traced(x):
         _non_finite_rows("x", np.asarray(x))
     return y, x
+
+
+def check_sequences(spec: ModelSpec, y, x=None, lengths=None, *, dtype=None, min_steps: int = 2):
+    """Validate one sequence [T, D] or a padded batch [B, T, D] for training.
+
+    Args:
+        spec: the model spec.
+        y: [T, D] or [B, T, D] observations; in a batch, steps at or beyond a sequence's
+            length are padding and may hold anything, NaN included.
+        x: optional driver [T] or [B, T].
+        lengths: [B] valid steps per sequence (default: all T).
+        dtype: the model's float dtype.
+        min_steps: the fewest valid steps a sequence may have.
+
+    Returns:
+        (y [B, T, D], x [B, T] or None, mask [B, T]) with padding zeroed.
+
+    Raises:
+        ValueError: as ``check_observations``, per sequence, plus bad lengths.
+    """
+    y = np.asarray(y, dtype=np.float64 if dtype is None else dtype)
+    if y.ndim == 2:
+        y = y[None]
+        x = None if x is None else np.asarray(x)[None]
+    if y.ndim != 3:
+        raise ValueError(f"y must be [T, D] or a batch [B, T, D], got shape {y.shape}")
+    B, T, _ = y.shape
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths must be {B} integers (one per sequence), got {lengths!r}")
+    if np.any(lengths > T):
+        raise ValueError(f"lengths must not exceed the padded length {T}, got max {lengths.max()}")
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    if x is not None:
+        x = np.asarray(x, dtype=y.dtype)
+        if x.shape != (B, T):
+            raise ValueError(f"driver x must have shape {(B, T) if B > 1 else (T,)} to match y, got {x.shape}")
+    checked_x = []
+    for b in range(B):
+        prefix = f"sequence {b}: " if B > 1 else ""
+        try:
+            _, xb = check_observations(
+                spec, y[b, : lengths[b]], None if x is None else x[b, : lengths[b]], dtype=dtype, min_steps=min_steps
+            )
+        except ValueError as error:
+            raise ValueError(prefix + str(error)) from None
+        if xb is not None:
+            checked_x.append(np.pad(np.asarray(xb), (0, T - lengths[b])))
+    y = np.where(mask[..., None], y, 0.0)
+    x = np.stack(checked_x) if checked_x else None
+    return jnp.asarray(y, dtype=dtype), None if x is None else jnp.asarray(x, dtype=dtype), jnp.asarray(mask)

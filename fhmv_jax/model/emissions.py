@@ -102,9 +102,3 @@ def component_log_densities(
         kernel = -0.5 * (nu + spec.num_features) * jnp.log1p(delta / nu)
     return normalisers[None, :, :, None] + scale_term + kernel
 
-
-def mixture_log_densities(
-    log_weights: Float[Array, "G K"], component_log_dens: Float[Array, "T G K V"]
-) -> Float[Array, "T G V"]:
-    """log b_t(g, v) = LSE_k (log w_{g,k} + log t_D(...))."""
-    return jax.nn.logsumexp(component_log_dens + log_weights[None, :, :, None], axis=2)

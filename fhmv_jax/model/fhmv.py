@@ -119,7 +119,7 @@ def _factor_laws(spec: ModelSpec, natural: dict) -> tuple[tuple[Array, ...], tup
     return tuple(laws), tuple(matrices)
 
 
-def _log_scales(spec: ModelSpec, natural: dict, x: Array | None, num_steps: int) -> Float[Array, "T V"]:
+def log_scales(spec: ModelSpec, natural: dict, x: Array | None) -> Float[Array, "T V"]:
     """log s_t(v) for every step and volatility sub-state ([1, V] when it does not vary in time)."""
     static = factors.log_volatility_scales(spec, natural)[None, :]
     if spec.leverage != "predictable":
@@ -128,26 +128,50 @@ def _log_scales(spec: ModelSpec, natural: dict, x: Array | None, num_steps: int)
     return static + log_leverage[:, None]
 
 
-def inference_inputs(spec: ModelSpec, params: FHMVParams, y: Array, x: Array | None) -> InferenceInputs:
-    """The one place where parameters become inference arrays."""
-    natural = natural_parameters(spec, params)
-    laws, matrices = _factor_laws(spec, natural)
-    if spec.leverage == "markov":
-        laws = laws + (jnp.full((2,), 0.5, y.dtype),)
-        matrices = matrices + (factors.markov_leverage_transitions(natural["leverage_logits"], x),)
-    log_scale = _log_scales(spec, natural, x, y.shape[0])
+class EmissionTerms(NamedTuple):
+    """Emission quantities shared by inference and the E-step.
+
+    Attributes:
+        log_scale: [T, V] (or [1, V]) log s_t(v) per volatility sub-state.
+        delta: [T, G, K, V] scaled Mahalanobis distances delta(s_t(v)).
+        weighted_log_dens: [T, G, K, V] log w_{g,k} + log t_D(y_t; ...).
+        log_emissions: [T, G, V] log b_t(g, v) = LSE_k weighted_log_dens.
+    """
+
+    log_scale: Float[Array, "T V"]
+    delta: Float[Array, "T G K V"]
+    weighted_log_dens: Float[Array, "T G K V"]
+    log_emissions: Float[Array, "T G V"]
+
+
+def emission_terms(spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None) -> EmissionTerms:
+    """Emission log-densities per regime, component and volatility sub-state."""
+    log_scale = log_scales(spec, natural, x)
     chol = cholesky_factor(params.chol_raw)
     terms = emissions.mahalanobis_terms(y, params.means, emissions.inverse_cholesky(chol), spec.scale_mask)
     dof = natural.get("dof")
-    component = emissions.component_log_densities(
-        spec,
-        emissions.component_log_normalisers(spec, chol, dof),
-        dof,
-        emissions.scaled_mahalanobis(terms, log_scale),
-        log_scale,
-    )
-    log_b = emissions.mixture_log_densities(jax.nn.log_softmax(params.log_weights, axis=-1), component)
-    return InferenceInputs(_outer(laws), matrices, log_b.reshape((y.shape[0],) + spec.state_shape))
+    delta = emissions.scaled_mahalanobis(terms, log_scale)
+    normalisers = emissions.component_log_normalisers(spec, chol, dof)
+    component = emissions.component_log_densities(spec, normalisers, dof, delta, log_scale)
+    weighted = component + jax.nn.log_softmax(params.log_weights, axis=-1)[None, :, :, None]
+    return EmissionTerms(log_scale, delta, weighted, jax.nn.logsumexp(weighted, axis=2))
+
+
+def chain_arrays(spec: ModelSpec, natural: dict, x: Array | None) -> tuple[Array, tuple[Array, ...]]:
+    """The law of h_1 over the joint state tensor and one transition matrix per factor axis."""
+    laws, matrices = _factor_laws(spec, natural)
+    if spec.leverage == "markov":
+        laws = laws + (jnp.full((2,), 0.5, natural["means"].dtype),)
+        matrices = matrices + (factors.markov_leverage_transitions(natural["leverage_logits"], x),)
+    return _outer(laws), matrices
+
+
+def inference_inputs(spec: ModelSpec, params: FHMVParams, y: Array, x: Array | None) -> InferenceInputs:
+    """The one place where parameters become inference arrays."""
+    natural = natural_parameters(spec, params)
+    initial, transitions = chain_arrays(spec, natural, x)
+    log_b = emission_terms(spec, params, natural, y, x).log_emissions
+    return InferenceInputs(initial, transitions, log_b.reshape((y.shape[0],) + spec.state_shape))
 
 
 def _split_factors(spec: ModelSpec, per_axis: list[Array], stack_axis: int) -> Factors:

@@ -1,0 +1,172 @@
+"""Data-driven initialisation (MODEL.md section 6): k-means into regimes, then into components."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._checks import check_sequences
+from .._types import Array, PRNGKeyArray
+from ..model.fhmv import FHMV
+from ..model.spec import ModelSpec
+
+_MAX_KMEANS_POINTS = 50_000
+
+
+def _squared_distances(points: Array, centres: Array) -> Array:
+    return jnp.sum((points[:, None, :] - centres[None, :, :]) ** 2, axis=-1)
+
+
+def kmeans(key: PRNGKeyArray, points: Array, weights: Array, num_clusters: int, num_iters: int = 50):
+    """Weighted k-means (k-means++ seeding, then Lloyd iterations); empty clusters keep their centre.
+
+    Args:
+        points: [n, D]; weights: [n] non-negative (zero rows are ignored).
+
+    Returns:
+        (centres [k, D], assignments [n], inertia).
+    """
+    keys = jax.random.split(key, num_clusters)
+    first = jax.random.choice(keys[0], points.shape[0], p=weights / jnp.sum(weights))
+    centres = jnp.zeros((num_clusters, points.shape[1]), points.dtype).at[0].set(points[first])
+    for j in range(1, num_clusters):
+        nearest = jnp.min(_squared_distances(points, centres[:j]), axis=1)
+        probs = weights * nearest
+        probs = jnp.where(jnp.sum(probs) > 0, probs, weights)
+        centres = centres.at[j].set(points[jax.random.choice(keys[j], points.shape[0], p=probs / jnp.sum(probs))])
+
+    def _lloyd(_, centres):
+        assign = jnp.argmin(_squared_distances(points, centres), axis=1)
+        onehot = jax.nn.one_hot(assign, num_clusters, dtype=points.dtype) * weights[:, None]
+        totals = jnp.sum(onehot, axis=0)
+        sums = onehot.T @ points
+        return jnp.where(totals[:, None] > 0, sums / jnp.maximum(totals, 1e-300)[:, None], centres)
+
+    centres = jax.lax.fori_loop(0, num_iters, _lloyd, centres)
+    distances = _squared_distances(points, centres)
+    return centres, jnp.argmin(distances, axis=1), jnp.sum(weights * jnp.min(distances, axis=1))
+
+
+@jax.jit
+def _weighted_covariances(points: Array, weights: Array, centres: Array) -> Array:
+    """[k, D, D] weighted covariance of ``points`` about each centre; ``weights`` is [k, n]."""
+    centred = points[None, :, :] - centres[:, None, :]
+    totals = jnp.sum(weights, axis=1)[:, None, None]
+    return jnp.einsum("kn,knd,kne->kde", weights, centred, centred) / jnp.maximum(totals, 1e-300)
+
+
+def _clusters(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: int):
+    """Regime clusters (best of ``num_seeds`` k-means runs) and component sub-clusters within each."""
+    ones = jnp.ones(points.shape[0], points.dtype)
+    key_regimes, key_components = jax.random.split(key)
+    run = jax.vmap(lambda k: kmeans(k, points, ones, spec.num_regimes))
+    centres, assignments, inertia = run(jax.random.split(key_regimes, num_seeds))
+    regime_of = assignments[jnp.argmin(inertia)]
+    membership = jax.nn.one_hot(regime_of, spec.num_regimes, dtype=points.dtype).T
+
+    def _within(k, member):
+        sub_centres, sub_assign, _ = kmeans(k, points, member, spec.num_components)
+        return sub_centres, jax.nn.one_hot(sub_assign, spec.num_components, dtype=points.dtype).T * member[None]
+
+    return jax.vmap(_within)(jax.random.split(key_components, spec.num_regimes), membership)
+
+
+def _mean_scale(spec: ModelSpec, c1: float, theta_c: float, m1: float, jump_law: np.ndarray, l1: float) -> float:
+    """E[s] under the initial factor laws (chains uniform, jump stationary, Markov leverage uniform)."""
+    chains = np.prod([(2 + theta_c**n * (c1 - 1)) / 2 for n in range(spec.num_chains)])
+    jumps = jump_law @ np.concatenate([[1.0], 1 + 0.5 ** np.arange(spec.num_jump_states - 1) * (m1 - 1)])
+    leverage = (1 + l1) / 2 if spec.leverage == "markov" else 1.0
+    return float(chains * jumps * leverage)
+
+
+def _initial_jump(spec: ModelSpec, q: float) -> np.ndarray:
+    M = spec.num_jump_states
+    law = np.concatenate([[1 - q], np.full(M - 1, q / (M - 1))])
+    if spec.jump_mode == "markov":
+        q_back = 0.5
+        return np.array([[1 - q, q], [q_back, 1 - q_back]])
+    phi = 0.0 if spec.jump_mode == "iid" else 0.5
+    return phi * np.eye(M) + (1 - phi) * law[None, :]
+
+
+def init_model(
+    key: PRNGKeyArray,
+    spec: ModelSpec,
+    y,
+    x=None,
+    *,
+    lengths=None,
+    num_seeds: int = 5,
+) -> FHMV:
+    """A starting model from data: k-means (best of ``num_seeds``) into G regimes, then K components.
+
+    Means and covariances come from the clusters (covariances divided by the mean
+    volatility scale, so that the mixture over sub-states matches the data's spread);
+    weights uniform, nu = 10, A = 0.95 on the diagonal, p = 0.98, q = 0.05 (q_back = 0.5),
+    c_1 = 2, m_1 = 3, theta = 0.5, l_1 = 1.5 (Markov leverage; 0.5 predictable), Markov
+    leverage logits giving 0.9 persistence.
+
+    Args:
+        key: PRNG key for k-means.
+        spec: the model spec.
+        y: [T, D] or a padded batch [B, T, D] (with ``lengths``); x is validated alongside.
+
+    Returns:
+        An ``FHMV`` in float64 (or the dtype of the JAX default).
+    """
+    y, _, mask = check_sequences(spec, y, x, lengths)
+    points = np.asarray(y)[np.asarray(mask)]
+    if points.shape[0] < spec.num_regimes * spec.num_components:
+        raise ValueError(
+            f"{points.shape[0]} observations cannot initialise {spec.num_regimes} regimes x {spec.num_components} components"
+        )
+    key_subsample, key_clusters = jax.random.split(key)
+    if points.shape[0] > _MAX_KMEANS_POINTS:
+        chosen = jax.random.choice(key_subsample, points.shape[0], (_MAX_KMEANS_POINTS,), replace=False)
+        points = points[np.asarray(chosen)]
+    points = jnp.asarray(points)
+    centres, component_weights = _clusters(key_clusters, points, spec, num_seeds)
+    G, K, D = spec.num_regimes, spec.num_components, spec.num_features
+    flat_weights = component_weights.reshape(G * K, -1)
+    covariances = np.asarray(_weighted_covariances(points, flat_weights, centres.reshape(G * K, D)))
+    counts = np.asarray(flat_weights.sum(axis=1))[:, None, None]
+    pooled = np.cov(np.asarray(points).T).reshape(D, D)
+    covariances = (covariances * counts + pooled) / (counts + 1)
+
+    natural = {
+        "initial_regime": np.full(G, 1 / G),
+        "regime_transition": np.full((G, G), 0.05 / max(G - 1, 1)) + np.eye(G) * (0.95 - 0.05 / max(G - 1, 1))
+        if G > 1
+        else np.ones((1, 1)),
+        "weights": np.full((G, K), 1 / K),
+        "means": np.asarray(centres),
+    }
+    c1, theta, m1, q = 2.0, 0.5, 3.0, 0.05
+    jump_law = np.array([1.0])
+    if not spec.gaussian:
+        natural["dof"] = np.full((G, K), 10.0)
+    if spec.num_chains:
+        natural |= {"persistence_stay": np.full(spec.num_chains, 0.98), "c1": c1}
+    if spec.num_chains >= 2:
+        natural["theta_c"] = theta
+    if spec.has_jumps:
+        matrix = _initial_jump(spec, q)
+        natural |= {"jump_transition": matrix, "m1": m1}
+        jump_law = np.concatenate([[matrix[1, 0]], matrix[0, 1:]]) / (matrix[1, 0] + matrix[0, 1:].sum())
+    if spec.num_jump_states >= 3:
+        natural["theta_m"] = theta
+    l1 = 1.5 if spec.leverage == "markov" else 0.5
+    if spec.leverage != "none":
+        natural["l1"] = l1
+    if spec.leverage == "predictable" and spec.num_leverage_lags >= 2:
+        natural["theta_l"] = theta
+    if spec.leverage == "markov":
+        logits = np.zeros((2, 2, 2))
+        logits[0, :, 1] = [-np.log(9.0), np.log(9.0)]
+        natural["leverage_logits"] = logits
+    mean_scale = _mean_scale(spec, c1, theta, m1, jump_law, l1)
+    mask = np.ones(D) if spec.scale_mask is None else np.asarray(spec.scale_mask, float)
+    unscale = mean_scale ** (-mask / 2)
+    natural["covariances"] = (covariances * unscale[:, None] * unscale[None, :]).reshape(G, K, D, D)
+    return FHMV.from_natural_parameters(spec, **natural)

@@ -1,0 +1,131 @@
+"""E-step: posterior expectations of the complete-data statistics (MODEL.md section 4).
+
+``e_step`` works on one sequence with a validity mask (padding at the end); callers vmap
+it over sequences. Padded steps get uninformative emissions (log b = 0), which leaves the
+posteriors of the valid steps exact, and are masked out of every statistic.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import digamma
+
+from .._types import Array, Bool, Float, Scalar
+from ..inference import smoother
+from ..model.fhmv import chain_arrays, emission_terms
+from ..model.params import FHMVParams, natural_parameters
+from ..model.spec import ModelSpec
+
+
+class SequenceStats(NamedTuple):
+    """Expected statistics of one sequence.
+
+    Attributes:
+        log_likelihood: log p(y_{1:T}) of the valid steps.
+        initial: per factor axis, [n_f] P(h^f_1 | y).
+        transitions: per factor axis, [n_f, n_f] sum_t P(h^f_{t-1} = a, h^f_t = b | y).
+        leverage_pairwise: [T-1, 2, 2] per-step two-slice marginals of the Markov leverage
+            state (zeros on padding); ``None`` in other leverage modes.
+        component_counts: [G, K] n_{g,k} = sum_{t,v} tau_t(g, k, v).
+        scale_weights: [E, G, K] sum_t omega^e_t(g, k), omega^e = sum_v tau u s^{-e}; the
+            exponents e are (1,) without a scale mask and (1, 1/2, 0) with one.
+        first_moments: [E, G, K, D] sum_t omega^e_t (y_t - mu_{g,k}).
+        second_moments: [E, G, K, D, D] sum_t omega^e_t (y_t - mu)(y_t - mu)^T.
+        dof_terms: [G, K] sum_{t,v} tau (E[log W] - E[W]).
+        state_counts: [T, V] sum_{g,k} tau: the weight of each volatility sub-state.
+        weighted_precisions: [T, G, K, V] tau * E[W], for the scale parameters' update.
+    """
+
+    log_likelihood: Scalar
+    initial: tuple[Array, ...]
+    transitions: tuple[Array, ...]
+    leverage_pairwise: Float[Array, "T1 2 2"] | None
+    component_counts: Float[Array, "G K"]
+    scale_weights: Float[Array, "E G K"]
+    first_moments: Float[Array, "E G K D"]
+    second_moments: Float[Array, "E G K D D"]
+    dof_terms: Float[Array, "G K"]
+    state_counts: Float[Array, "T V"]
+    weighted_precisions: Float[Array, "T G K V"]
+
+
+def scale_exponents(spec: ModelSpec) -> tuple[float, ...]:
+    """Powers e of 1/s that multiply the covariance blocks: see ``m_step.mask_patterns``."""
+    return (1.0,) if spec.scale_mask is None else (1.0, 0.5, 0.0)
+
+
+def latent_weights(spec: ModelSpec, dof: Array | None, delta: Array) -> tuple[Array, Array]:
+    """E[W] = (nu + D) / (nu + delta) and E[log W] = psi((nu + D) / 2) - log((nu + delta) / 2)."""
+    if spec.gaussian:
+        ones = jnp.ones_like(delta)
+        return ones, jnp.zeros_like(delta)
+    nu = dof[None, :, :, None]
+    D = spec.num_features
+    return (nu + D) / (nu + delta), digamma((nu + D) / 2) - jnp.log((nu + delta) / 2)
+
+
+def _factor_marginals(joint: Array) -> tuple[Array, ...]:
+    axes = tuple(range(joint.ndim))
+    return tuple(jnp.sum(joint, axis=tuple(a for a in axes if a != axis)) for axis in axes)
+
+
+def e_step(
+    spec: ModelSpec,
+    params: FHMVParams,
+    y: Float[Array, "T D"],
+    x: Float[Array, " T"] | None,
+    mask: Bool[Array, " T"],
+) -> SequenceStats:
+    """Forward-backward over one (possibly padded) sequence and the ECM statistics.
+
+    Args:
+        spec, params: the model.
+        y: [T, D] observations; rows where ``mask`` is False are ignored but must be finite
+            (``em_step`` zeroes them).
+        x: [T] driver or ``None`` (finite on padding too).
+        mask: [T] True on valid steps, which come first.
+
+    Returns:
+        ``SequenceStats``; tau_t(g, k, v) = gamma_t(g, v) rho_t(g, k, v) is computed in log space.
+    """
+    T = y.shape[0]
+    G, K = spec.num_regimes, spec.num_components
+    valid = mask.astype(y.dtype)
+    natural = natural_parameters(spec, params)
+    initial, transitions = chain_arrays(spec, natural, x)
+    terms = emission_terms(spec, params, natural, y, x)
+    log_b = terms.log_emissions * valid[:, None, None]
+    posterior = smoother(initial, transitions, log_b.reshape((T,) + spec.state_shape))
+
+    gamma = posterior.smoothed_probs.reshape(T, G, -1) * valid[:, None, None]
+    tau = gamma[:, :, None, :] * jnp.exp(terms.weighted_log_dens - terms.log_emissions[:, :, None, :])
+    expected_w, expected_log_w = latent_weights(spec, natural.get("dof"), terms.delta)
+    weighted_precisions = tau * expected_w
+
+    exponents = jnp.asarray(scale_exponents(spec), y.dtype)
+    inv_scale = jnp.exp(-exponents[:, None, None] * terms.log_scale[None])
+    omega = jnp.einsum("tgkv,etv->etgk", weighted_precisions, inv_scale)
+    centred = y[:, None, None, :] - params.means[None]
+    pair_valid = valid[1:]
+    pairwise = tuple(p * pair_valid.reshape((-1,) + (1,) * (p.ndim - 1)) for p in posterior.pairwise)
+    return SequenceStats(
+        log_likelihood=posterior.marginal_loglik,
+        initial=_factor_marginals(posterior.smoothed_probs[0]),
+        transitions=tuple(jnp.sum(p, axis=0) for p in pairwise),
+        leverage_pairwise=pairwise[-1] if spec.leverage == "markov" else None,
+        component_counts=jnp.sum(tau, axis=(0, 3)),
+        scale_weights=jnp.sum(omega, axis=1),
+        first_moments=jnp.einsum("etgk,tgkd->egkd", omega, centred),
+        second_moments=jnp.einsum("etgk,tgkd,tgkf->egkdf", omega, centred, centred),
+        dof_terms=jnp.sum(tau * (expected_log_w - expected_w), axis=(0, 3)),
+        state_counts=jnp.sum(tau, axis=(1, 2)),
+        weighted_precisions=weighted_precisions,
+    )
+
+
+def batch_e_step(spec: ModelSpec, params: FHMVParams, y: Array, x: Array | None, mask: Array) -> SequenceStats:
+    """``e_step`` vmapped over a leading sequence axis: every field gains a leading [B]."""
+    return jax.vmap(lambda yb, xb, mb: e_step(spec, params, yb, xb, mb))(y, x, mask)
