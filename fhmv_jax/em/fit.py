@@ -157,7 +157,7 @@ def fit_em(
     spec, dtype = model.spec, model.params.dtype
     y, x, mask = check_sequences(spec, y, x, lengths, dtype=dtype)
     num_steps = int(mask.sum())
-    prior = CovariancePrior(covariance_ridge, covariance_prior_count)
+    prior = CovariancePrior(jnp.asarray(covariance_ridge, dtype), jnp.asarray(covariance_prior_count, dtype))
     if num_restarts > 1:
         if key is None:
             raise ValueError("num_restarts > 1 needs a PRNG key for the new initialisations")

@@ -39,10 +39,13 @@ _BISECTION_STEPS = 64
 
 class CovariancePrior(NamedTuple):
     """Inverse-Wishart ridge: Sigma = (S + ridge * I) / (n + count); log prior
-    -(count / 2) log|Sigma| - (ridge / 2) tr(Sigma^{-1}) per component."""
+    -(count / 2) log|Sigma| - (ridge / 2) tr(Sigma^{-1}) per component.
 
-    ridge: float = 1e-2
-    count: float = 1e-2
+    Pass arrays (as ``fit_em`` does) so that new values do not recompile ``em_step``.
+    """
+
+    ridge: float | Array = 1e-2
+    count: float | Array = 1e-2
 
 
 def newton_ascent(objective: Callable, start, num_steps: int = _NEWTON_STEPS):

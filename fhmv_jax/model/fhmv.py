@@ -7,6 +7,7 @@ emission log-densities; the routines in ``fhmv_jax.inference`` take those arrays
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import equinox as eqx
@@ -342,6 +343,7 @@ class FHMV(eqx.Module):
         The driver is ``x`` if given, else (when the leverage mode needs one) the sampled
         feature ``spec.driver_feature``, fed back step by step.
         """
+        num_steps = operator.index(num_steps)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if self.spec.needs_driver and x is None and self.spec.driver_feature is None:

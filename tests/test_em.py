@@ -1,0 +1,225 @@
+"""ECM: monotonicity, degrees of freedom, a peer library on the reduced model, batches, tracing, robustness."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_natural
+from hmmlearn.hmm import GMMHMM
+from scipy import stats
+
+import fhmv_jax
+from fhmv_jax import FHMV, ModelSpec, fit_em, init_model
+from fhmv_jax.em import CovariancePrior, em_step
+from fhmv_jax.em import fit as fit_module
+
+VARIANTS = {
+    "markov-t-K2-N2": ModelSpec(num_features=3, num_regimes=2, num_chains=2, driver_feature=0),
+    "markov-gauss-K1-N1": ModelSpec(num_features=3, num_regimes=2, num_chains=1, num_components=1, gaussian=True, driver_feature=0),
+    "predictable-mask": ModelSpec(
+        num_features=3, num_regimes=2, num_chains=1, leverage="predictable", num_leverage_lags=5, driver_feature=0,
+        scale_mask=(True, False, True),
+    ),
+    "none-N0-family": ModelSpec(
+        num_features=3, num_regimes=2, num_chains=0, num_jump_states=3, jump_mode="family", leverage="none"
+    ),
+    "none-untied-iid": ModelSpec(
+        num_features=3, num_regimes=2, num_chains=2, tied_persistence=False, jump_mode="iid", leverage="none",
+        num_components=1,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("data", ["sampled", "random"])
+def test_log_likelihood_never_decreases(rng, name, data):
+    spec = VARIANTS[name]
+    truth = FHMV.from_natural_parameters(spec, **random_natural(spec, rng, separation=2.0))
+    if data == "sampled":
+        y = np.asarray(truth.sample(jax.random.key(0), 600).observations)
+    else:
+        y = rng.standard_t(5, size=(600, 3))
+    start = init_model(jax.random.key(1), spec, y)
+    for prior in ((1e-2, 1e-2), (0.0, 0.0)):
+        result = fit_em(start, y, max_iters=8, tol=0.0, callback=None, covariance_ridge=prior[0], covariance_prior_count=prior[1])
+        assert result.num_iters == 8 and len(result.log_likelihoods) == 9
+        assert np.all(np.diff(result.objectives) >= -1e-9 * np.abs(result.objectives[1:]))
+        assert result.objectives[-1] > result.objectives[0]
+        if prior == (0.0, 0.0):
+            np.testing.assert_array_equal(result.objectives, result.log_likelihoods)
+        for value in jax.tree.leaves(result.model.natural_parameters()):
+            assert np.all(np.isfinite(value))
+
+
+def _t_spec():
+    return ModelSpec(num_features=10, num_regimes=1, num_chains=0, num_jump_states=1, num_components=1, leverage="none")
+
+
+@pytest.mark.parametrize(("nu", "bounds"), [(5.0, (4.5, 5.5)), (30.0, (20.0, 45.0))])
+def test_degrees_of_freedom_are_recovered(rng, nu, bounds):
+    scale = stats.wishart(df=12, scale=np.eye(10) / 12).rvs(random_state=rng)
+    y = stats.multivariate_t(np.zeros(10), scale, df=nu).rvs(size=20_000, random_state=rng)
+    result = fit_em(init_model(jax.random.key(0), _t_spec(), y), y, max_iters=200, tol=1e-7, callback=None)
+    fitted = float(result.model.natural_parameters()["dof"][0, 0])
+    assert bounds[0] <= fitted <= bounds[1], fitted
+
+
+def _reduced_spec(G=3, K=2, D=3):
+    return ModelSpec(num_features=D, num_regimes=G, num_chains=0, num_jump_states=1, num_components=K, leverage="none", gaussian=True)
+
+
+def _peer(natural, n_iter):
+    G, K = natural["weights"].shape
+    peer = GMMHMM(n_components=G, n_mix=K, covariance_type="full", init_params="", params="stmcw", n_iter=n_iter, tol=-np.inf)
+    peer.startprob_ = natural["initial_regime"].copy()
+    peer.transmat_ = natural["regime_transition"].copy()
+    peer.weights_ = natural["weights"].copy()
+    peer.means_ = natural["means"].copy()
+    peer.covars_ = natural["covariances"].copy()
+    return peer
+
+
+def _assert_matches_peer(natural, model, peer, atol=1e-9):
+    got = {k: np.asarray(v) for k, v in model.natural_parameters().items()}
+    np.testing.assert_allclose(got["initial_regime"], peer.startprob_, atol=atol)
+    np.testing.assert_allclose(got["regime_transition"], peer.transmat_, atol=atol)
+    np.testing.assert_allclose(got["weights"], peer.weights_, atol=atol)
+    np.testing.assert_allclose(got["means"], peer.means_, atol=atol)
+    # hmmlearn accumulates the scatter about the previous means; the exact M-step uses the
+    # new ones: Sigma_exact = Sigma_hmmlearn - (mu_new - mu_old)(mu_new - mu_old)^T.
+    shift = peer.means_ - natural["means"]
+    np.testing.assert_allclose(got["covariances"], peer.covars_ - shift[..., :, None] * shift[..., None, :], atol=atol)
+
+
+def test_one_iteration_equals_hmmlearn(rng):
+    spec = _reduced_spec()
+    natural = random_natural(spec, rng, separation=1.0)
+    model = FHMV.from_natural_parameters(spec, **natural)
+    y = np.asarray(model.sample(jax.random.key(4), 500).observations) + rng.normal(size=(500, 3)) * 0.3
+    peer = _peer(natural, 1).fit(y)
+    result = fit_em(model, y, max_iters=1, tol=0.0, callback=None, covariance_ridge=0.0, covariance_prior_count=0.0)
+    _assert_matches_peer(natural, result.model, peer)
+
+
+def test_ragged_batch_with_nan_padding_equals_hmmlearn_with_lengths(rng):
+    spec = _reduced_spec(G=2, K=2, D=2)
+    natural = random_natural(spec, rng)
+    model = FHMV.from_natural_parameters(spec, **natural)
+    lengths = np.array([120, 200, 75])
+    parts = [np.asarray(model.sample(jax.random.key(i), n).observations) for i, n in enumerate(lengths)]
+    padded = np.full((3, 200, 2), np.nan)
+    for b, part in enumerate(parts):
+        padded[b, : len(part)] = part
+    peer = _peer(natural, 1).fit(np.concatenate(parts), lengths)
+    kwargs = dict(max_iters=1, tol=0.0, callback=None, covariance_ridge=0.0, covariance_prior_count=0.0)
+    result = fit_em(model, padded, lengths=lengths, **kwargs)
+    _assert_matches_peer(natural, result.model, peer)
+    np.testing.assert_allclose(
+        result.log_likelihoods[0], sum(model.log_likelihood(p) for p in parts), rtol=1e-12
+    )
+    other_padding = np.where(np.isnan(padded), 1e6, padded)
+    again = fit_em(model, other_padding, lengths=lengths, **kwargs)
+    assert eqx.tree_equal(again.model, result.model)
+
+
+def test_batch_equals_sum_of_sequences(rng):
+    spec = VARIANTS["markov-t-K2-N2"]
+    model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng, separation=2.0))
+    ys = np.stack([np.asarray(model.sample(jax.random.key(i), 150).observations) for i in range(3)])
+    batch, _ = em_step(model, *fhmv_jax._checks.check_sequences(spec, ys), CovariancePrior())
+    stats = fhmv_jax.em.batch_e_step(spec, model.params, *fhmv_jax._checks.check_sequences(spec, ys))
+    single = jax.jit(lambda y: fhmv_jax.em.e_step(spec, model.params, y, y[:, 0], jnp.ones(150, bool)))
+    singles = [single(jnp.asarray(y)) for y in ys]
+    for field in ("component_counts", "second_moments", "dof_terms"):
+        np.testing.assert_allclose(getattr(stats, field).sum(0), sum(getattr(s, field) for s in singles), rtol=1e-10)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(batch))
+
+
+def test_em_step_traces_once(rng, monkeypatch):
+    spec = ModelSpec(num_features=2, num_regimes=2, num_chains=1, leverage="none")
+    calls = []
+    original = fit_module.batch_e_step
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fit_module, "batch_e_step", counting)
+    y = rng.normal(size=(37, 2))
+    result = fit_em(init_model(jax.random.key(0), spec, y), y, max_iters=6, tol=0.0, callback=None)
+    assert result.num_iters == 6
+    assert len(calls) == 1
+
+
+def test_empty_regime_fits_without_nan(rng):
+    spec = ModelSpec(num_features=2, num_regimes=4, num_chains=1, leverage="none")
+    y = np.concatenate([rng.normal(size=(300, 2)) * 0.1, rng.normal(size=(300, 2)) * 0.1 + 5])
+    model = init_model(jax.random.key(0), spec, y)
+    natural = {k: np.array(v) for k, v in model.natural_parameters().items()}
+    natural["means"][2:] = 50.0  # two regimes far from every observation
+    result = fit_em(FHMV.from_natural_parameters(spec, **natural), y, max_iters=10, callback=None)
+    for value in jax.tree.leaves(result.model.natural_parameters()):
+        assert np.all(np.isfinite(value))
+    assert np.all(np.linalg.eigvalsh(np.asarray(result.model.natural_parameters()["covariances"])) > 0)
+    dof = np.asarray(result.model.natural_parameters()["dof"])
+    assert np.all((dof >= spec.dof_bounds[0]) & (dof <= spec.dof_bounds[1]))
+
+
+def test_a_decreasing_step_raises(rng, monkeypatch):
+    spec = ModelSpec(num_features=2, num_regimes=2, num_chains=0, num_jump_states=1, leverage="none")
+    original = fit_module.m_step
+
+    def harmful(*args):
+        params = original(*args)
+        return eqx.tree_at(lambda p: p.means, params, params.means + 3.0)
+
+    monkeypatch.setattr(fit_module, "m_step", harmful)
+    y = rng.normal(size=(41, 2))
+    with pytest.raises(RuntimeError, match="decreased the penalised log-likelihood"):
+        fit_em(init_model(jax.random.key(0), spec, y), y, max_iters=3, callback=None)
+
+
+def test_restarts_keep_the_best(rng):
+    spec = ModelSpec(num_features=2, num_regimes=3, num_chains=1, leverage="none")
+    truth = FHMV.from_natural_parameters(spec, **random_natural(spec, rng, separation=3.0))
+    y = np.asarray(truth.sample(jax.random.key(0), 500).observations)
+    start = init_model(jax.random.key(1), spec, y)
+    result = fit_em(start, y, max_iters=5, num_restarts=3, key=jax.random.key(2), callback=None)
+    assert result.restart_log_likelihoods.shape == (3,)
+    assert result.model.params.means.shape == (3, 2, 2)
+    np.testing.assert_allclose(result.model.log_likelihood(y), result.log_likelihoods[-1], rtol=1e-10)
+    single = fit_em(start, y, max_iters=5, callback=None)
+    np.testing.assert_allclose(result.restart_log_likelihoods[0], single.log_likelihoods[-1], rtol=1e-9)
+    assert result.log_likelihoods[-1] >= result.restart_log_likelihoods.max() - 1e-6
+
+
+def test_progress_lines_and_silence(rng, capsys):
+    spec = ModelSpec(num_features=2, num_regimes=2, num_chains=0, num_jump_states=1, leverage="none")
+    y = rng.normal(size=(50, 2))
+    start = init_model(jax.random.key(0), spec, y)
+    fit_em(start, y, max_iters=2, tol=0.0)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and "log-lik" in lines[1] and "gain/step" in lines[1]
+    seen = []
+    fit_em(start, y, max_iters=2, tol=0.0, callback=seen.append)
+    assert [i.iteration for i in seen] == [0, 1, 2] and capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(y=np.zeros((2, 10, 2)), lengths=[10, 11]), "must not exceed"),
+        (dict(y=np.zeros((2, 10, 2)), lengths=[10, 1]), "sequence 1: y has 1 time steps"),
+        (dict(y=np.where(np.eye(10, 2) > 0, np.nan, 0.0)), "NaN or inf"),
+        (dict(y=np.zeros((10, 3))), "3 features"),
+        (dict(y=np.zeros((10, 2)), max_iters=0), "max_iters"),
+        (dict(y=np.zeros((10, 2)), num_restarts=2), "needs a PRNG key"),
+    ],
+)
+def test_fit_rejects_bad_input(rng, kwargs, message):
+    spec = ModelSpec(num_features=2, num_regimes=2, num_chains=0, num_jump_states=1, leverage="none")
+    model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
+    y = kwargs.pop("y")
+    with pytest.raises(ValueError, match=message):
+        fit_em(model, y, callback=None, **kwargs)
