@@ -19,33 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fhmv_jax
-from fhmv_jax.model import inference_inputs
 from fhmv_jax import inference
-
-
-def default_model(key: jax.Array) -> fhmv_jax.FHMV:
-    """The default spec (G=6, N=2, N_M=2, K=2, D=10, markov leverage) with plausible parameters."""
-    spec = fhmv_jax.ModelSpec(driver_feature=5)
-    G, K, D = spec.num_regimes, spec.num_components, spec.num_features
-    k_means, k_cov = jax.random.split(key)
-    A = np.full((G, G), 0.05 / (G - 1)) + np.eye(G) * (0.95 - 0.05 / (G - 1))
-    factor = np.asarray(jax.random.normal(k_cov, (G, K, D, D))) * 0.2
-    return fhmv_jax.FHMV.from_natural_parameters(
-        spec,
-        initial_regime=np.full(G, 1 / G),
-        regime_transition=A,
-        weights=np.full((G, K), 1 / K),
-        means=np.asarray(jax.random.normal(k_means, (G, K, D))),
-        covariances=factor @ np.swapaxes(factor, -1, -2) + np.eye(D),
-        dof=np.full((G, K), 8.0),
-        persistence_stay=np.full(2, 0.98),
-        c1=2.0,
-        theta_c=0.5,
-        jump_transition=np.array([[0.95, 0.05], [0.3, 0.7]]),
-        m1=3.0,
-        l1=1.5,
-        leverage_logits=np.stack([np.array([[0.0, -2.0], [0.0, 1.0]]), np.array([[0.0, -50.0], [0.0, -50.0]])]),
-    )
+from fhmv_jax.model import example_model, inference_inputs
 
 
 def best_of(fn, args, repeats: int) -> float:
@@ -78,7 +53,7 @@ def _routines(spec):
 
 
 def run(which: str, steps: list[int], repeats: int) -> list[str]:
-    model = default_model(jax.random.key(0))
+    model = example_model(jax.random.key(0))
     routines = _routines(model.spec)
     names = ["log_likelihood"] if which == "log_likelihood" else list(routines)
     rows = [f"| routine | T | compile (s) | run (s) | us / step |", "|---|---|---|---|---|"]

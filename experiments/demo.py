@@ -11,11 +11,11 @@ import time
 import jax
 import numpy as np
 
-from benchmark import default_model
+from fhmv_jax.model import example_model
 
 
 def main(num_steps: int = 2000) -> None:
-    model = default_model(jax.random.key(0))
+    model = example_model(jax.random.key(0))
     sample = model.sample(jax.random.key(1), num_steps)
     start = time.perf_counter()
     filtered = model.filter(sample.observations)

@@ -223,3 +223,34 @@ def test_fit_rejects_bad_input(rng, kwargs, message):
     y = kwargs.pop("y")
     with pytest.raises(ValueError, match=message):
         fit_em(model, y, callback=None, **kwargs)
+
+
+def test_recovers_a_known_default_spec_model():
+    """Refit data drawn from a known default-spec model (T = 20000) from ``init_model``.
+
+    Tolerances: regimes must agree on >= 95% of steps after Hungarian alignment. The
+    persistence chains switch ~400 times each, so p is pinned to +-0.005; the jump chain
+    enters its burst state ~900 times, so q gets +-0.015. The magnitudes are confounded
+    with the Student-t tails (nu ~ 8) and, for m_1, with 3-step bursts, so c_1 gets +-7.5%
+    and m_1 +-12%.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    from fhmv_jax.model import example_model
+
+    truth = example_model(jax.random.key(0))
+    sample = truth.sample(jax.random.key(1), 20_000)
+    y = np.asarray(sample.observations)
+    result = fit_em(init_model(jax.random.key(2), truth.spec, y), y, max_iters=60, callback=None)
+    assert result.converged
+    predicted = np.asarray(result.model.smooth(y).marginals.regime).argmax(-1)
+    confusion = np.zeros((6, 6))
+    np.add.at(confusion, (np.asarray(sample.states.regime), predicted), 1)
+    rows, cols = linear_sum_assignment(-confusion)
+    assert confusion[rows, cols].sum() / len(y) >= 0.95
+    fitted = result.model.natural_parameters()
+    assert abs(float(fitted["c1"]) - 2.0) <= 0.15
+    assert abs(float(fitted["m1"]) - 3.0) <= 0.35
+    np.testing.assert_allclose(fitted["persistence_stay"], 0.98, atol=0.005)
+    assert abs(float(fitted["jump_transition"][0, 1]) - 0.05) <= 0.015
+    assert result.log_likelihoods[-1] >= float(truth.log_likelihood(y))

@@ -30,7 +30,7 @@ from ..model import emissions, factors
 from ..model.fhmv import log_scales
 from ..model.params import FHMVParams, cholesky_factor, jump_transition_matrix, natural_parameters
 from ..model.spec import ModelSpec
-from .stats import SequenceStats, scale_exponents
+from .stats import SequenceStats, component_posteriors, scale_exponents
 
 _NEWTON_STEPS = 4
 _STEP_SIZES = 0.5 ** jnp.arange(8)
@@ -222,19 +222,28 @@ def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, p
     return eqx.tree_at(lambda p: p.dof_raw, updated, _logit((dof - low) / (high - low)))
 
 
-def scale_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, y: Array, x: Array | None) -> FHMVParams:
+def scale_update(
+    spec: ModelSpec, old: FHMVParams, params: FHMVParams, stats: SequenceStats, y: Array, x: Array | None
+) -> FHMVParams:
     """Maximise Q_s = -sum tau [ (D_s / 2) log s + E[W] delta'(s) / 2 ] over the magnitude parameters.
 
-    delta'(s) uses the new means and covariances; ``stats`` keeps its leading sequence axis.
+    tau and E[W] are those of the E-step's model ``old``; delta'(s) uses the new means and
+    covariances of ``params``. ``stats`` keeps its leading sequence axis.
     """
     start = _present(params, _SCALE_FIELDS)
     if not start:
         return params
     inv_chol = emissions.inverse_cholesky(cholesky_factor(params.chol_raw))
-    terms = jax.vmap(lambda yb: emissions.mahalanobis_terms(yb, params.means, inv_chol, spec.scale_mask))(y)
-    quadratic = [terms.scaled] if terms.cross is None else [terms.scaled, 2 * terms.cross]
-    exponents = scale_exponents(spec)[: len(quadratic)]
-    loads = [jnp.einsum("btgkv,btgk->btv", stats.weighted_precisions, q) for q in quadratic]
+    old_natural = natural_parameters(spec, old)
+
+    def loads_of(yb, emission, gamma):
+        new = emissions.mahalanobis_terms(yb, params.means, inv_chol, spec.scale_mask)
+        tau, expected_w, _ = component_posteriors(spec, old, old_natural, emission, gamma)
+        quadratic = [new.scaled] if new.cross is None else [new.scaled, 2 * new.cross]
+        return [jnp.sum(tau * expected_w * q[..., None], axis=(1, 2)) for q in quadratic]
+
+    loads = jax.vmap(loads_of)(y, stats.emission, stats.regime_volatility)
+    exponents = scale_exponents(spec)[: len(loads)]
     counts = stats.state_counts
     half_dim = 0.5 * spec.num_scaled_features
     time_varying = spec.leverage == "predictable"
@@ -285,6 +294,7 @@ def m_step(
 
     ``y`` and ``x`` are the (zero-padded) sequences the statistics came from.
     """
+    old = params
     initial = _summed(stats, "initial")
     transitions = _summed(stats, "transitions")
     params = regime_update(params, initial[0], transitions[0])
@@ -301,7 +311,7 @@ def m_step(
         dof_terms=_summed(stats, "dof_terms"),
     )
     params = emission_update(spec, params, summed, prior)
-    params = scale_update(spec, params, stats, y, x)
+    params = scale_update(spec, old, params, stats, y, x)
     if spec.leverage == "markov":
         params = leverage_update(params, stats.leverage_pairwise, x)
     return params

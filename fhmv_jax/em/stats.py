@@ -15,7 +15,7 @@ from jax.scipy.special import digamma
 
 from .._types import Array, Bool, Float, Scalar
 from ..inference import smoother
-from ..model.fhmv import chain_arrays, emission_terms
+from ..model.fhmv import EmissionTerms, chain_arrays, component_terms, emission_terms
 from ..model.params import FHMVParams, natural_parameters
 from ..model.spec import ModelSpec
 
@@ -30,13 +30,15 @@ class SequenceStats(NamedTuple):
         leverage_pairwise: [T-1, 2, 2] per-step two-slice marginals of the Markov leverage
             state (zeros on padding); ``None`` in other leverage modes.
         component_counts: [G, K] n_{g,k} = sum_{t,v} tau_t(g, k, v).
-        scale_weights: [E, G, K] sum_t omega^e_t(g, k), omega^e = sum_v tau u s^{-e}; the
+        scale_weights: [E, G, K] sum_t omega^e_t(g, k), omega^e = sum_v tau E[W] s^{-e}; the
             exponents e are (1,) without a scale mask and (1, 1/2, 0) with one.
         first_moments: [E, G, K, D] sum_t omega^e_t (y_t - mu_{g,k}).
         second_moments: [E, G, K, D, D] sum_t omega^e_t (y_t - mu)(y_t - mu)^T.
         dof_terms: [G, K] sum_{t,v} tau (E[log W] - E[W]).
         state_counts: [T, V] sum_{g,k} tau: the weight of each volatility sub-state.
-        weighted_precisions: [T, G, K, V] tau * E[W], for the scale parameters' update.
+        regime_volatility: [T, G, V] gamma_t(g, v) = P(R_t = g, vol. state v | y) (zero on padding).
+        emission: the ``EmissionTerms`` of the E-step's model, from which tau and E[W] are
+            recomputed (never stored per (t, g, k, v)).
     """
 
     log_likelihood: Scalar
@@ -49,7 +51,8 @@ class SequenceStats(NamedTuple):
     second_moments: Float[Array, "E G K D D"]
     dof_terms: Float[Array, "G K"]
     state_counts: Float[Array, "T V"]
-    weighted_precisions: Float[Array, "T G K V"]
+    regime_volatility: Float[Array, "T G V"]
+    emission: EmissionTerms
 
 
 def scale_exponents(spec: ModelSpec) -> tuple[float, ...]:
@@ -57,14 +60,31 @@ def scale_exponents(spec: ModelSpec) -> tuple[float, ...]:
     return (1.0,) if spec.scale_mask is None else (1.0, 0.5, 0.0)
 
 
-def latent_weights(spec: ModelSpec, dof: Array | None, delta: Array) -> tuple[Array, Array]:
-    """E[W] = (nu + D) / (nu + delta) and E[log W] = psi((nu + D) / 2) - log((nu + delta) / 2)."""
+def latent_weights(
+    spec: ModelSpec, dof: Array | None, delta: Array, log_ratio: Array | None
+) -> tuple[Array, Array]:
+    """E[W] = (nu + D) / (nu + delta) and E[log W] = psi((nu + D) / 2) - log(nu / 2) - log(1 + delta / nu)."""
     if spec.gaussian:
         ones = jnp.ones_like(delta)
         return ones, jnp.zeros_like(delta)
     nu = dof[None, :, :, None]
     D = spec.num_features
-    return (nu + D) / (nu + delta), digamma((nu + D) / 2) - jnp.log((nu + delta) / 2)
+    return (nu + D) / (nu + delta), digamma((nu + D) / 2) - jnp.log(nu / 2) - log_ratio
+
+
+def component_posteriors(
+    spec: ModelSpec, params: FHMVParams, natural: dict, emission: EmissionTerms, gamma: Float[Array, "T G V"]
+) -> tuple[Array, Array, Array]:
+    """tau = gamma * rho, E[W] and E[log W], each [T, G, K, V], as elementwise expressions.
+
+    Meant to be consumed by reductions inside jit, where XLA fuses them instead of storing
+    them; rho = exp(log w + log t_D - log b) is computed in log space, so outliers never fall
+    back to uniform responsibilities.
+    """
+    comp = component_terms(spec, params, natural, emission.mahalanobis, emission.log_scale)
+    tau = gamma[:, :, None, :] * jnp.exp(comp.weighted_log_dens - emission.log_emissions[:, :, None, :])
+    expected_w, expected_log_w = latent_weights(spec, natural.get("dof"), comp.delta, comp.log_ratio)
+    return tau, expected_w, expected_log_w
 
 
 def _factor_marginals(joint: Array) -> tuple[Array, ...]:
@@ -89,26 +109,37 @@ def e_step(
         mask: [T] True on valid steps, which come first.
 
     Returns:
-        ``SequenceStats``; tau_t(g, k, v) = gamma_t(g, v) rho_t(g, k, v) is computed in log space.
+        ``SequenceStats``.
     """
     T = y.shape[0]
-    G, K = spec.num_regimes, spec.num_components
+    G = spec.num_regimes
     valid = mask.astype(y.dtype)
     natural = natural_parameters(spec, params)
     initial, transitions = chain_arrays(spec, natural, x)
-    terms = emission_terms(spec, params, natural, y, x)
-    log_b = terms.log_emissions * valid[:, None, None]
-    posterior = smoother(initial, transitions, log_b.reshape((T,) + spec.state_shape))
+    emission = emission_terms(spec, params, natural, y, x)
+    emission = emission._replace(log_emissions=emission.log_emissions * valid[:, None, None])
+    posterior = smoother(initial, transitions, emission.log_emissions.reshape((T,) + spec.state_shape))
 
     gamma = posterior.smoothed_probs.reshape(T, G, -1) * valid[:, None, None]
-    tau = gamma[:, :, None, :] * jnp.exp(terms.weighted_log_dens - terms.log_emissions[:, :, None, :])
-    expected_w, expected_log_w = latent_weights(spec, natural.get("dof"), terms.delta)
-    weighted_precisions = tau * expected_w
-
+    tau, expected_w, expected_log_w = component_posteriors(spec, params, natural, emission, gamma)
     exponents = jnp.asarray(scale_exponents(spec), y.dtype)
-    inv_scale = jnp.exp(-exponents[:, None, None] * terms.log_scale[None])
-    omega = jnp.einsum("tgkv,etv->etgk", weighted_precisions, inv_scale)
-    centred = y[:, None, None, :] - params.means[None]
+    inv_scale = jnp.exp(-exponents[:, None, None] * emission.log_scale[None])
+    omega = jnp.sum((tau * expected_w)[None] * inv_scale[:, :, None, None, :], axis=-1)
+
+    reference = jnp.sum(y * valid[:, None], axis=0) / jnp.sum(valid)
+    centred = y - reference[None, :]
+    shifted_means = params.means - reference[None, None, :]
+    n_e = jnp.sum(omega, axis=1)
+    first_raw = jnp.einsum("etgk,td->egkd", omega, centred)
+    second_raw = jnp.einsum("etgk,tdf->egkdf", omega, centred[:, :, None] * centred[:, None, :])
+    first = first_raw - n_e[..., None] * shifted_means[None]
+    second = (
+        second_raw
+        - first_raw[..., :, None] * shifted_means[None, :, :, None, :]
+        - shifted_means[None, :, :, :, None] * first_raw[..., None, :]
+        + n_e[..., None, None] * shifted_means[None, :, :, :, None] * shifted_means[None, :, :, None, :]
+    )
+
     pair_valid = valid[1:]
     pairwise = tuple(p * pair_valid.reshape((-1,) + (1,) * (p.ndim - 1)) for p in posterior.pairwise)
     return SequenceStats(
@@ -117,12 +148,13 @@ def e_step(
         transitions=tuple(jnp.sum(p, axis=0) for p in pairwise),
         leverage_pairwise=pairwise[-1] if spec.leverage == "markov" else None,
         component_counts=jnp.sum(tau, axis=(0, 3)),
-        scale_weights=jnp.sum(omega, axis=1),
-        first_moments=jnp.einsum("etgk,tgkd->egkd", omega, centred),
-        second_moments=jnp.einsum("etgk,tgkd,tgkf->egkdf", omega, centred, centred),
+        scale_weights=n_e,
+        first_moments=first,
+        second_moments=second,
         dof_terms=jnp.sum(tau * (expected_log_w - expected_w), axis=(0, 3)),
         state_counts=jnp.sum(tau, axis=(1, 2)),
-        weighted_precisions=weighted_precisions,
+        regime_volatility=gamma,
+        emission=emission,
     )
 
 

@@ -30,11 +30,9 @@ class SmootherPosterior(NamedTuple):
 
 
 def _contract_except(left: Array, right: Array, axis: int) -> Float[Array, "n n"]:
-    """sum over every axis but ``axis`` of left[..., a, ...] * right[..., b, ...] -> [a, b]."""
-    n = left.shape[axis]
-    left = jnp.moveaxis(left, axis, 0).reshape(n, 1, -1)
-    right = jnp.moveaxis(right, axis, 0).reshape(1, n, -1)
-    return jnp.sum(left * right, axis=-1)
+    """sum over every axis but ``axis`` of left[..., a, ...] * right[..., b, ...] -> [a, b] (one fused reduction)."""
+    product = jnp.expand_dims(left, axis + 1) * jnp.expand_dims(right, axis)
+    return jnp.sum(product, axis=tuple(a for a in range(product.ndim) if a not in (axis, axis + 1)))
 
 
 def backward_step(

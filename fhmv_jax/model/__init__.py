@@ -1,5 +1,6 @@
 """The FHMV model: spec, parameters, factors, emissions and the Equinox module."""
 
+from .examples import example_model
 from .fhmv import FHMV, Factors, FilterResult, InferenceInputs, Sample, SmoothResult, inference_inputs
 from .params import FHMVParams
 from .spec import ModelSpec
@@ -13,5 +14,6 @@ __all__ = [
     "ModelSpec",
     "Sample",
     "SmoothResult",
+    "example_model",
     "inference_inputs",
 ]

@@ -92,13 +92,17 @@ def component_log_densities(
     dof: Float[Array, "G K"] | None,
     delta: Float[Array, "T G K V"],
     log_scale: Float[Array, "T V"],
-) -> Float[Array, "T G K V"]:
-    """log t_D(y_t; mu_{g,k}, s_{t,v} Sigma_{g,k}, nu_{g,k}) (or the Gaussian density)."""
+) -> tuple[Float[Array, "T G K V"], Float[Array, "T G K V"] | None]:
+    """log t_D(y_t; mu_{g,k}, s_{t,v} Sigma_{g,k}, nu_{g,k}) (or the Gaussian density).
+
+    Returns:
+        (log densities, log(1 + delta / nu) or ``None`` when gaussian), the latter reused by
+        the E-step for E[log W].
+    """
     scale_term = -0.5 * spec.num_scaled_features * log_scale[:, None, None, :]
     if spec.gaussian:
-        kernel = -0.5 * delta
-    else:
-        nu = dof[None, :, :, None]
-        kernel = -0.5 * (nu + spec.num_features) * jnp.log1p(delta / nu)
-    return normalisers[None, :, :, None] + scale_term + kernel
+        return normalisers[None, :, :, None] + scale_term - 0.5 * delta, None
+    nu = dof[None, :, :, None]
+    log_ratio = jnp.log1p(delta / nu)
+    return normalisers[None, :, :, None] + scale_term - 0.5 * (nu + spec.num_features) * log_ratio, log_ratio
 

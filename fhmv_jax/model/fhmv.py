@@ -130,32 +130,53 @@ def log_scales(spec: ModelSpec, natural: dict, x: Array | None) -> Float[Array, 
 
 
 class EmissionTerms(NamedTuple):
-    """Emission quantities shared by inference and the E-step.
+    """Emission quantities shared by inference and the E-step (nothing per (t, g, k, v) is stored).
 
     Attributes:
         log_scale: [T, V] (or [1, V]) log s_t(v) per volatility sub-state.
-        delta: [T, G, K, V] scaled Mahalanobis distances delta(s_t(v)).
-        weighted_log_dens: [T, G, K, V] log w_{g,k} + log t_D(y_t; ...).
-        log_emissions: [T, G, V] log b_t(g, v) = LSE_k weighted_log_dens.
+        mahalanobis: quadratic forms of y_t - mu_{g,k}, each [T, G, K].
+        log_emissions: [T, G, V] log b_t(g, v) = LSE_k (log w_{g,k} + log t_D(y_t; ...)).
     """
 
     log_scale: Float[Array, "T V"]
-    delta: Float[Array, "T G K V"]
-    weighted_log_dens: Float[Array, "T G K V"]
+    mahalanobis: emissions.MahalanobisTerms
     log_emissions: Float[Array, "T G V"]
 
 
+class ComponentTerms(NamedTuple):
+    """Per (t, g, k, v) quantities, cheap to recompute inside fused reductions.
+
+    Attributes:
+        weighted_log_dens: log w_{g,k} + log t_D(y_t; mu_{g,k}, s_t(v) Sigma_{g,k}, nu_{g,k}).
+        delta: delta(s_t(v)), the scaled Mahalanobis distance.
+        log_ratio: log(1 + delta / nu) (``None`` when gaussian).
+    """
+
+    weighted_log_dens: Float[Array, "T G K V"]
+    delta: Float[Array, "T G K V"]
+    log_ratio: Float[Array, "T G K V"] | None
+
+
+def component_terms(
+    spec: ModelSpec, params: FHMVParams, natural: dict, mahalanobis: emissions.MahalanobisTerms, log_scale: Array
+) -> ComponentTerms:
+    """Elementwise component log-densities; see ``emissions``."""
+    chol = cholesky_factor(params.chol_raw)
+    dof = natural.get("dof")
+    delta = emissions.scaled_mahalanobis(mahalanobis, log_scale)
+    normalisers = emissions.component_log_normalisers(spec, chol, dof)
+    component, log_ratio = emissions.component_log_densities(spec, normalisers, dof, delta, log_scale)
+    weighted = component + jax.nn.log_softmax(params.log_weights, axis=-1)[None, :, :, None]
+    return ComponentTerms(weighted, delta, log_ratio)
+
+
 def emission_terms(spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None) -> EmissionTerms:
-    """Emission log-densities per regime, component and volatility sub-state."""
+    """log b_t(g, v) = LSE_k of the weighted component densities (one fused reduction)."""
     log_scale = log_scales(spec, natural, x)
     chol = cholesky_factor(params.chol_raw)
-    terms = emissions.mahalanobis_terms(y, params.means, emissions.inverse_cholesky(chol), spec.scale_mask)
-    dof = natural.get("dof")
-    delta = emissions.scaled_mahalanobis(terms, log_scale)
-    normalisers = emissions.component_log_normalisers(spec, chol, dof)
-    component = emissions.component_log_densities(spec, normalisers, dof, delta, log_scale)
-    weighted = component + jax.nn.log_softmax(params.log_weights, axis=-1)[None, :, :, None]
-    return EmissionTerms(log_scale, delta, weighted, jax.nn.logsumexp(weighted, axis=2))
+    mahalanobis = emissions.mahalanobis_terms(y, params.means, emissions.inverse_cholesky(chol), spec.scale_mask)
+    weighted = component_terms(spec, params, natural, mahalanobis, log_scale).weighted_log_dens
+    return EmissionTerms(log_scale, mahalanobis, jax.nn.logsumexp(weighted, axis=2))
 
 
 def chain_arrays(spec: ModelSpec, natural: dict, x: Array | None) -> tuple[Array, tuple[Array, ...]]:
