@@ -48,22 +48,33 @@ class CovariancePrior(NamedTuple):
     count: float | Array = 1e-2
 
 
-def newton_ascent(objective: Callable, start, num_steps: int = _NEWTON_STEPS):
+def newton_ascent(objective: Callable, start, num_steps: int = _NEWTON_STEPS, derivatives: Callable | None = None):
     """Maximise ``objective`` over a small pytree by damped Newton steps with a line search.
 
     Each step moves along -(H)^{-1} g (eigenvalues of -H floored to keep it an ascent
     direction), tries step sizes 1, 1/2, ..., 1/128 and keeps the best only if it does not
     lower the objective, so the result is never worse than ``start``.
+
+    Args:
+        objective: pytree -> scalar.
+        start: the starting pytree.
+        num_steps: Newton steps.
+        derivatives: optional flat vector -> (gradient, Hessian) in closed form; by default
+            ``jax.grad`` and ``jax.hessian`` of the objective.
     """
     flat, unravel = ravel_pytree(start)
 
     def f(v):
         return objective(unravel(v))
 
+    if derivatives is None:
+
+        def derivatives(v):
+            return jax.grad(f)(v), jax.hessian(f)(v)
+
     value = f(flat)
     for _ in range(num_steps):
-        grad = jax.grad(f)(flat)
-        hess = jax.hessian(f)(flat)
+        grad, hess = derivatives(flat)
         eigvals, eigvecs = jnp.linalg.eigh(-0.5 * (hess + hess.T))
         floor = 1e-8 * jnp.maximum(1.0, jnp.max(jnp.abs(eigvals)))
         direction = eigvecs @ ((eigvecs.T @ grad) / jnp.maximum(eigvals, floor))
@@ -265,17 +276,41 @@ def scale_update(
     return _with(params, newton_ascent(objective, start))
 
 
+def _leverage_inputs(pairwise: Array, x: Array) -> tuple[Array, Array, Array]:
+    """(moves to state 1, transitions out of each state, x_{t-1}) from [B, T-1, 2, 2] two-slice marginals."""
+    return pairwise[..., 1], jnp.sum(pairwise, axis=-1), x[:, :-1, None]
+
+
+def leverage_log_likelihood(raw: Array, moved: Array, totals: Array, x_prev: Array) -> Array:
+    """sum_t xi_t(i, j) log softmax_j(a_ij + b_ij x_{t-1}) with column 0 fixed at zero; raw = (a[:, 1], b[:, 1])."""
+    eta = raw[0][None, None, :] + raw[1][None, None, :] * x_prev
+    return jnp.sum(moved * eta - totals * jax.nn.softplus(eta))
+
+
+def leverage_derivatives(raw: Array, moved: Array, totals: Array, x_prev: Array) -> tuple[Array, Array]:
+    """Closed-form gradient [4] and Hessian [4, 4] of ``leverage_log_likelihood`` in ``raw.reshape(-1)``.
+
+    Each row i is a binary logistic regression with eta = a_i + b_i x: the gradient is
+    sum (n_1 - N p)(1, x) and the Hessian -sum N p (1 - p)(1, x)(1, x)^T, in one pass.
+    """
+    eta = raw[0][None, None, :] + raw[1][None, None, :] * x_prev
+    p = jax.nn.sigmoid(eta)
+    residual, weight = moved - totals * p, totals * p * (1 - p)
+    grad = jnp.stack([jnp.sum(residual, axis=(0, 1)), jnp.sum(residual * x_prev, axis=(0, 1))])
+    m0, m1, m2 = (jnp.diag(jnp.sum(weight * x_prev**k, axis=(0, 1))) for k in range(3))
+    hess = -jnp.stack([jnp.stack([m0, m1]), jnp.stack([m1, m2])])
+    return grad.reshape(-1), hess.transpose(0, 2, 1, 3).reshape(4, 4)
+
+
 def leverage_update(params: FHMVParams, pairwise: Array, x: Array) -> FHMVParams:
-    """Weighted logistic regression of V_t on x_{t-1}: maximise sum_t xi_t(i, j) log softmax_j(a_ij + b_ij x_{t-1})."""
-    x_prev = x[:, :-1]
-
-    def objective(values):
-        zeros = jnp.zeros_like(values["leverage_raw"])
-        a, b = jnp.stack([zeros, values["leverage_raw"]], axis=-1)
-        logits = a[None, None] + b[None, None] * x_prev[..., None, None]
-        return jnp.sum(pairwise * jax.nn.log_softmax(logits, axis=-1))
-
-    return _with(params, newton_ascent(objective, {"leverage_raw": params.leverage_raw}))
+    """Weighted logistic regression of V_t on x_{t-1} (Markov leverage), by Newton with closed-form derivatives."""
+    data = _leverage_inputs(pairwise, x)
+    best = newton_ascent(
+        lambda values: leverage_log_likelihood(values["leverage_raw"], *data),
+        {"leverage_raw": params.leverage_raw},
+        derivatives=lambda flat: leverage_derivatives(flat.reshape(2, 2), *data),
+    )
+    return _with(params, best)
 
 
 def _summed(stats: SequenceStats, field: str):
