@@ -149,15 +149,6 @@ def jump_update(spec: ModelSpec, params: FHMVParams, initial: Array, counts: Arr
     return _with(params, newton_ascent(objective, _present(params, _JUMP_FIELDS)))
 
 
-def mask_patterns(spec: ModelSpec, dtype) -> Float[Array, "E D D"]:
-    """P_e with (Lambda^{-1} M Lambda^{-1})_{de} = sum_e s^{-e} (P_e * M)_{de}, Lambda = diag(s^{a/2})."""
-    if spec.scale_mask is None:
-        return jnp.ones((1, spec.num_features, spec.num_features), dtype)
-    a = jnp.asarray(spec.scale_mask, dtype)
-    b = 1 - a
-    return jnp.stack([jnp.outer(a, a), jnp.outer(a, b) + jnp.outer(b, a), jnp.outer(b, b)])
-
-
 def solve_dof(mean_terms: Array, low: float, high: float) -> Array:
     """Root of 1 + log(nu / 2) - psi(nu / 2) + mean_terms = 0 by bisection on log nu, clamped to [low, high].
 
@@ -195,7 +186,7 @@ def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, p
     weights = jnp.where(regime_totals > 0, counts / jnp.where(regime_totals > 0, regime_totals, 1.0), old_weights)
 
     eye = jnp.broadcast_to(jnp.eye(D, dtype=dtype), counts.shape + (D, D))
-    patterns = mask_patterns(spec, dtype)
+    patterns = emissions.mask_patterns(spec.scale_mask, D, dtype)
     n_e, m_e, S_e = stats.scale_weights, stats.first_moments, stats.second_moments
     inv_chol = emissions.inverse_cholesky(cholesky_factor(params.chol_raw))
     precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma
 
 from .._types import Array, Bool, Float, Scalar
-from ..inference import smoother
+from ..inference import backward_pass, forward_filter
+from ..inference._ops import normalise, state_axes
 from ..model.fhmv import EmissionTerms, chain_arrays, component_terms, emission_terms
 from ..model.params import FHMVParams, natural_parameters
 from ..model.spec import ModelSpec
@@ -56,7 +57,7 @@ class SequenceStats(NamedTuple):
 
 
 def scale_exponents(spec: ModelSpec) -> tuple[float, ...]:
-    """Powers e of 1/s that multiply the covariance blocks: see ``m_step.mask_patterns``."""
+    """Powers e of 1/s that multiply the covariance blocks: see ``emissions.mask_patterns``."""
     return (1.0,) if spec.scale_mask is None else (1.0, 0.5, 0.0)
 
 
@@ -118,9 +119,12 @@ def e_step(
     initial, transitions = chain_arrays(spec, natural, x)
     emission = emission_terms(spec, params, natural, y, x)
     emission = emission._replace(log_emissions=emission.log_emissions * valid[:, None, None])
-    posterior = smoother(initial, transitions, emission.log_emissions.reshape((T,) + spec.state_shape))
+    log_b = emission.log_emissions.reshape((T,) + spec.state_shape)
+    forward = forward_filter(initial, transitions, log_b)
+    betas, pairwise = backward_pass(transitions, forward, step_weights=valid[1:])
+    smoothed = normalise(forward.filtered_probs * betas, state_axes(len(spec.state_shape)))
 
-    gamma = posterior.smoothed_probs.reshape(T, G, -1) * valid[:, None, None]
+    gamma = smoothed.reshape(T, G, -1) * valid[:, None, None]
     tau, expected_w, expected_log_w = component_posteriors(spec, params, natural, emission, gamma)
     exponents = jnp.asarray(scale_exponents(spec), y.dtype)
     inv_scale = jnp.exp(-exponents[:, None, None] * emission.log_scale[None])
@@ -140,12 +144,10 @@ def e_step(
         + n_e[..., None, None] * shifted_means[None, :, :, :, None] * shifted_means[None, :, :, None, :]
     )
 
-    pair_valid = valid[1:]
-    pairwise = tuple(p * pair_valid.reshape((-1,) + (1,) * (p.ndim - 1)) for p in posterior.pairwise)
     return SequenceStats(
-        log_likelihood=posterior.marginal_loglik,
-        initial=_factor_marginals(posterior.smoothed_probs[0]),
-        transitions=tuple(jnp.sum(p, axis=0) for p in pairwise),
+        log_likelihood=forward.marginal_loglik,
+        initial=_factor_marginals(smoothed[0]),
+        transitions=tuple(jnp.sum(p, axis=0) if p.ndim == 3 else p for p in pairwise),
         leverage_pairwise=pairwise[-1] if spec.leverage == "markov" else None,
         component_counts=jnp.sum(tau, axis=(0, 3)),
         scale_weights=n_e,

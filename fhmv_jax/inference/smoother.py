@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -37,17 +38,18 @@ def _contract_except(left: Array, right: Array, axis: int) -> Float[Array, "n n"
 
 def backward_step(
     alpha_prev: Array, weighted_next: Array, matrices: tuple[Array, ...]
-) -> tuple[Array, tuple[Float[Array, "n n"], ...]]:
-    """One backward step: beta_hat_{t-1} and the per-factor two-slice marginals at t.
+) -> tuple[Array, Array, tuple[Float[Array, "n n"], ...]]:
+    """One backward step: beta_hat_{t-1} and the two-slice marginals of every factor but the first.
 
     With r_t = b_t * beta_hat_t / c_t (``weighted_next``), beta_hat_{t-1} = P_t r_t and
     xi_t(h, h') = alpha_{t-1}(h) prod_g P_g(h_g, h'_g) r_t(h'). For factor f, move alpha
     forward along the factors before f and r backward along the factors after f; their
-    contraction over every other axis, times P_f, is xi^f_t. The S x S xi is never formed:
-    all F marginals take 2 (F - 1) factor applications, and beta_hat_{t-1} one more.
+    contraction over every other axis, times P_f, is xi^f_t. The S x S xi is never formed.
+    The first factor's marginal needs only r moved back along all the others (returned as
+    ``message``), so it is contracted with alpha outside the scan, vectorised over time.
 
     Returns:
-        (beta_hat_{t-1} [*shape], one [n_f, n_f] marginal per factor).
+        (beta_hat_{t-1}, message: r_t moved back along factors 1..F-1, marginals of factors 1..F-1).
     """
     num = len(matrices)
     forward = [alpha_prev]
@@ -58,37 +60,64 @@ def backward_step(
         backward.append(apply_along_axis(backward[-1], matrices[axis], axis, transpose=True))
     backward.reverse()
     beta_prev = apply_along_axis(backward[0], matrices[0], 0, transpose=True)
-    pairwise = tuple(matrices[f] * _contract_except(forward[f], backward[f], f) for f in range(num))
-    return beta_prev, pairwise
+    pairwise = tuple(matrices[f] * _contract_except(forward[f], backward[f], f) for f in range(1, num))
+    return beta_prev, backward[0], pairwise
+
+
+def _first_factor_pairwise(alpha_prev: Array, messages: Array, matrix: Array, summed: bool) -> Array:
+    """xi^1_t(a, b) = P_1(a, b) sum_rest alpha_{t-1}(a, rest) message_t(b, rest), per step or summed over steps
+    (one matrix product)."""
+    steps, n, rest = alpha_prev.shape[0], matrix.shape[-1], math.prod(alpha_prev.shape[2:])
+    left = alpha_prev.reshape(steps, n, rest)
+    right = messages.reshape(steps, n, rest)
+    if summed:
+        flat_left = jnp.swapaxes(left, 0, 1).reshape(n, -1)
+        flat_right = jnp.swapaxes(right, 0, 1).reshape(n, -1)
+        return matrix * (flat_left @ flat_right.T)
+    contraction = jnp.sum(left[:, :, None, :] * right[:, None, :, :], axis=-1)
+    return (matrix[None] if matrix.ndim == 2 else matrix) * contraction
 
 
 def backward_pass(
-    transitions: Transitions, forward: FilterPosterior
-) -> tuple[Float[Array, "T ..."], tuple[Float[Array, "T1 n n"], ...]]:
+    transitions: Transitions, forward: FilterPosterior, *, step_weights: Array | None = None
+) -> tuple[Float[Array, "T ..."], tuple[Array, ...]]:
     """Scaled backward messages and per-factor two-slice marginals.
 
     beta_hat_T = 1;  beta_hat_{t-1} = P_t r_t with r_t = b_t * beta_hat_t / c_t, where
     beta_hat_t = p(y_{t+1:T} | h_t) / p(y_{t+1:T} | y_{1:t}).
 
+    Args:
+        transitions: one matrix per axis ([n, n] or [T, n, n]).
+        forward: the forward filter's output.
+        step_weights: optional [T-1] weights of the transitions into steps 1..T-1; when given,
+            the marginals are weighted by them and those of time-invariant factors summed over
+            time ([n, n]: the expected transition counts EM needs, with padding weighted 0).
+
     Returns:
-        (betas [T, *shape], pairwise: one [T-1, n_f, n_f] per factor).
+        (betas [T, *shape], pairwise: per factor [T-1, n_f, n_f], or [n_f, n_f] when summed).
     """
     scaled, normalisers = forward.scaled_likelihoods, forward.normalisers
 
     def _step(beta, inputs):
         alpha_prev, b_t, c_t, matrices_t = inputs
-        previous, pairwise = backward_step(alpha_prev, b_t * beta / c_t, at_step(transitions, matrices_t))
-        return previous, (previous, pairwise)
+        previous, message, pairwise = backward_step(alpha_prev, b_t * beta / c_t, at_step(transitions, matrices_t))
+        return previous, (previous, message, pairwise)
 
     last = jnp.ones_like(scaled[0])
-    step_inputs = (
-        forward.filtered_probs[:-1],
-        scaled[1:],
-        normalisers[1:],
-        tuple(m[1:] for m in time_varying(transitions)),
+    alpha_prev = forward.filtered_probs[:-1]
+    step_inputs = (alpha_prev, scaled[1:], normalisers[1:], tuple(m[1:] for m in time_varying(transitions)))
+    _, (earlier, messages, rest) = jax.lax.scan(_step, last, step_inputs, reverse=True, unroll=UNROLL)
+    betas = jnp.concatenate([earlier, last[None]])
+    first_matrix = transitions[0] if transitions[0].ndim == 2 else transitions[0][1:]
+    if step_weights is None:
+        return betas, (_first_factor_pairwise(alpha_prev, messages, first_matrix, False), *rest)
+    weighted_alpha = alpha_prev * step_weights.reshape((-1,) + (1,) * (alpha_prev.ndim - 1))
+    first = _first_factor_pairwise(weighted_alpha, messages, first_matrix, transitions[0].ndim == 2)
+    rest = tuple(
+        jnp.einsum("t,tab->ab", step_weights, p) if m.ndim == 2 else p * step_weights[:, None, None]
+        for p, m in zip(rest, transitions[1:])
     )
-    _, (earlier, pairwise) = jax.lax.scan(_step, last, step_inputs, reverse=True, unroll=UNROLL)
-    return jnp.concatenate([earlier, last[None]]), pairwise
+    return betas, (first, *rest)
 
 
 def smoother(

@@ -44,26 +44,46 @@ def inverse_cholesky(chol: Float[Array, "G K D D"]) -> Float[Array, "G K D D"]:
     return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
 
 
+def mask_patterns(scale_mask: tuple[bool, ...] | None, num_features: int, dtype) -> Float[Array, "E D D"]:
+    """P_e with Lambda^{-1} M Lambda^{-1} = sum_e s^{-e} (P_e * M), Lambda = diag(s^{a/2}), e in (1, 1/2, 0).
+
+    Without a mask there is one pattern (all ones, e = 1).
+    """
+    if scale_mask is None:
+        return jnp.ones((1, num_features, num_features), dtype)
+    a = jnp.asarray(scale_mask, dtype)
+    b = 1 - a
+    return jnp.stack([jnp.outer(a, a), jnp.outer(a, b) + jnp.outer(b, a), jnp.outer(b, b)])
+
+
 def mahalanobis_terms(
     y: Float[Array, "T D"],
     means: Float[Array, "G K D"],
     inv_chol: Float[Array, "G K D D"],
     scale_mask: tuple[bool, ...] | None,
 ) -> MahalanobisTerms:
-    """Whitened residuals' squared norms; see the module docstring."""
-    def _whiten(factor):
-        return jnp.einsum("gkde,te->tgkd", factor, y) - jnp.einsum("gkde,gke->gkd", factor, means)[None]
+    """Quadratic forms z^T (Sigma^{-1} * P_e) z of z = y_t - mu_{g,k}; see the module docstring.
 
-    whitened = _whiten(inv_chol)
+    Each is expanded as y'^T Q y' - 2 mu'^T Q y' + mu'^T Q mu' about a reference point (the
+    mean of the component means) and computed as one matrix product with the data's outer
+    products, so no [T, G, K, D] array of whitened residuals is ever stored.
+    """
+    T, D = y.shape
+    G, K = means.shape[:2]
+    precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
+    reference = jnp.mean(means, axis=(0, 1))
+    y_ref, mu_ref = y - reference[None, :], means - reference[None, None, :]
+    outer = (y_ref[:, :, None] * y_ref[:, None, :]).reshape(T, D * D)
+    forms = []
+    for pattern in mask_patterns(scale_mask, D, y.dtype):
+        q = precision * pattern[None, None]
+        q_mu = jnp.einsum("gkde,gke->gkd", q, mu_ref)
+        quadratic = outer @ q.reshape(G * K, D * D).T - 2 * y_ref @ q_mu.reshape(G * K, D).T
+        constant = jnp.einsum("gkd,gkd->gk", q_mu, mu_ref).reshape(1, G * K)
+        forms.append((quadratic + constant).reshape(T, G, K))
     if scale_mask is None:
-        return MahalanobisTerms(jnp.sum(whitened**2, axis=-1), None, None)
-    rest_part = _whiten(inv_chol * (1 - jnp.asarray(scale_mask, dtype=y.dtype))[None, None, None, :])
-    scaled_part = whitened - rest_part
-    return MahalanobisTerms(
-        jnp.sum(scaled_part**2, axis=-1),
-        jnp.sum(scaled_part * rest_part, axis=-1),
-        jnp.sum(rest_part**2, axis=-1),
-    )
+        return MahalanobisTerms(jnp.maximum(forms[0], 0.0), None, None)
+    return MahalanobisTerms(jnp.maximum(forms[0], 0.0), 0.5 * forms[1], jnp.maximum(forms[2], 0.0))
 
 
 def scaled_mahalanobis(terms: MahalanobisTerms, log_scale: Float[Array, "T V"]) -> Float[Array, "T G K V"]:
