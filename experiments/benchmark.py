@@ -73,10 +73,6 @@ def run(which: str, steps: list[int], repeats: int) -> list[str]:
     return rows
 
 
-def _padded(spec, y, x=None):
-    return check_sequences(spec, y, x)
-
-
 def run_em(steps: list[int], repeats: int) -> list[str]:
     """Seconds per ECM iteration (E-step + M-step) of the default spec on data it generated."""
     model = example_model(jax.random.key(0))
@@ -85,7 +81,7 @@ def run_em(steps: list[int], repeats: int) -> list[str]:
     for T in steps:
         sample = model.sample(jax.random.key(T), T)
         start = init_model(jax.random.key(1), model.spec, sample.observations)
-        args = (start, *_padded(model.spec, sample.observations, sample.driver), prior)
+        args = (start, *check_sequences(model.spec, sample.observations, sample.driver), prior)
         begin = time.perf_counter()
         em_step.lower(*args).compile()
         compiled = time.perf_counter() - begin
@@ -132,7 +128,7 @@ def run_gmm(steps: list[int], repeats: int) -> list[str]:
     ]
     for T in steps:
         y = np.asarray(model.sample(jax.random.key(T), T).observations)
-        args = (model, *_padded(spec, y), prior)
+        args = (model, *check_sequences(spec, y), prior)
         begin = time.perf_counter()
         em_step.lower(*args).compile()
         ours_compile = time.perf_counter() - begin

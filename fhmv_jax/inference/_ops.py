@@ -45,11 +45,10 @@ def apply_along_axis(
     return jnp.sum(expanded * matrix.reshape(_axis_shape(message.ndim, axis, matrix.shape)), axis=axis)
 
 
-def propagate(message: Array, matrices: Sequence[Array], *, transpose: bool = False, skip: int | None = None) -> Array:
-    """Apply every factor's matrix along its axis (all but axis ``skip``, if given)."""
+def propagate(message: Array, matrices: Sequence[Array], *, transpose: bool = False) -> Array:
+    """Apply every factor's matrix along its axis: one step of the factorial chain."""
     for axis, matrix in enumerate(matrices):
-        if axis != skip:
-            message = apply_along_axis(message, matrix, axis, transpose=transpose)
+        message = apply_along_axis(message, matrix, axis, transpose=transpose)
     return message
 
 

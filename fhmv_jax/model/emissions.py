@@ -56,18 +56,25 @@ def mask_patterns(scale_mask: tuple[bool, ...] | None, num_features: int, dtype)
     return jnp.stack([jnp.outer(a, a), jnp.outer(a, b) + jnp.outer(b, a), jnp.outer(b, b)])
 
 
-def mahalanobis_terms(
-    y: Float[Array, "T D"],
-    means: Float[Array, "G K D"],
-    inv_chol: Float[Array, "G K D D"],
-    scale_mask: tuple[bool, ...] | None,
-) -> MahalanobisTerms:
-    """Quadratic forms z^T (Sigma^{-1} * P_e) z of z = y_t - mu_{g,k}; see the module docstring.
+def _whitened_forms(y, means, inv_chol, scale_mask) -> MahalanobisTerms:
+    """Via whitened residuals U^{-1}(y - mu): stores a [T, G, K, D] array; cheap when G K is small."""
 
-    Each is expanded as y'^T Q y' - 2 mu'^T Q y' + mu'^T Q mu' about a reference point (the
-    mean of the component means) and computed as one matrix product with the data's outer
-    products, so no [T, G, K, D] array of whitened residuals is ever stored.
-    """
+    def _whiten(factor):
+        return jnp.einsum("gkde,te->tgkd", factor, y) - jnp.einsum("gkde,gke->gkd", factor, means)[None]
+
+    whitened = _whiten(inv_chol)
+    if scale_mask is None:
+        return MahalanobisTerms(jnp.sum(whitened**2, axis=-1), None, None)
+    rest_part = _whiten(inv_chol * (1 - jnp.asarray(scale_mask, dtype=y.dtype))[None, None, None, :])
+    scaled_part = whitened - rest_part
+    return MahalanobisTerms(
+        jnp.sum(scaled_part**2, axis=-1), jnp.sum(scaled_part * rest_part, axis=-1), jnp.sum(rest_part**2, axis=-1)
+    )
+
+
+def _expanded_forms(y, means, inv_chol, scale_mask) -> MahalanobisTerms:
+    """As y'^T Q y' - 2 mu'^T Q y' + mu'^T Q mu' about the mean of the component means: one matrix
+    product with the data's [T, D * D] outer products, never a [T, G, K, D] array; cheap when G K > 2 D."""
     T, D = y.shape
     G, K = means.shape[:2]
     precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
@@ -84,6 +91,22 @@ def mahalanobis_terms(
     if scale_mask is None:
         return MahalanobisTerms(jnp.maximum(forms[0], 0.0), None, None)
     return MahalanobisTerms(jnp.maximum(forms[0], 0.0), 0.5 * forms[1], jnp.maximum(forms[2], 0.0))
+
+
+def mahalanobis_terms(
+    y: Float[Array, "T D"],
+    means: Float[Array, "G K D"],
+    inv_chol: Float[Array, "G K D D"],
+    scale_mask: tuple[bool, ...] | None,
+) -> MahalanobisTerms:
+    """Quadratic forms of z = y_t - mu_{g,k} under Sigma^{-1} (split by the scale mask); see the module docstring.
+
+    Uses whichever of two exact formulations stores less per time step: whitened residuals
+    (G K D numbers) or the data's outer products (D^2 numbers).
+    """
+    G, K, D = means.shape
+    forms = _expanded_forms if 2 * D < G * K else _whitened_forms
+    return forms(y, means, inv_chol, scale_mask)
 
 
 def scaled_mahalanobis(terms: MahalanobisTerms, log_scale: Float[Array, "T V"]) -> Float[Array, "T G K V"]:

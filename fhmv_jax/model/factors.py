@@ -40,6 +40,23 @@ def markov_leverage_transitions(
     return jax.nn.softmax(a[None] + b[None] * x_prev[:, None, None], axis=-1)
 
 
+def leverage_lag_weights(l1: Float[Array, ""], theta_l: Float[Array, ""] | None, num_lags: int) -> Float[Array, " L"]:
+    """l_1 theta_l^{i-1} for i = 1..N_L (theta_l = 1 when N_L = 1)."""
+    decay = jnp.ones_like(l1) if theta_l is None else theta_l
+    return l1 * jnp.cumprod(jnp.concatenate([jnp.ones_like(l1)[None], jnp.full((num_lags - 1,), decay)]))
+
+
+def log_leverage(lag_weights: Float[Array, " L"], recent_g: Float[Array, " L"]) -> Float[Array, ""]:
+    """log L_t = sum_i log(1 + w_i g_{t-i}) from the most recent shocks g (newest first)."""
+    return jnp.sum(jnp.log1p(lag_weights * recent_g))
+
+
+def push_shock(recent_g: Float[Array, " L"], x_t: Float[Array, ""], log_l: Float[Array, ""]) -> Float[Array, " L"]:
+    """Prepend g_t = |x_t| 1{x_t < 0} / sqrt(L_t) to the shocks, dropping the oldest."""
+    g_t = jnp.where(x_t < 0, -x_t, 0.0) * jnp.exp(-0.5 * log_l)
+    return jnp.concatenate([g_t[None], recent_g[:-1]])
+
+
 def predictable_log_leverage(
     x: Float[Array, " T"], l1: Float[Array, ""], theta_l: Float[Array, ""] | None, num_lags: int
 ) -> Float[Array, " T"]:
@@ -47,17 +64,14 @@ def predictable_log_leverage(
 
     g_s = |x_s| 1{x_s < 0} / sqrt(L_s); L_1 = 1. A ``lax.scan`` carries the last N_L values of g.
     """
-    decay = jnp.ones((), x.dtype) if theta_l is None else theta_l
-    powers = jnp.cumprod(jnp.concatenate([jnp.ones((1,), x.dtype), jnp.full((num_lags - 1,), decay)]))
-    lag_weights = l1 * powers
+    lag_weights = leverage_lag_weights(l1, theta_l, num_lags)
 
     def _step(recent_g, x_t):
-        log_l = jnp.sum(jnp.log1p(lag_weights * recent_g))
-        g_t = jnp.where(x_t < 0, -x_t, 0.0) * jnp.exp(-0.5 * log_l)
-        return jnp.concatenate([g_t[None], recent_g[:-1]]), log_l
+        log_l = log_leverage(lag_weights, recent_g)
+        return push_shock(recent_g, x_t, log_l), log_l
 
-    _, log_leverage = jax.lax.scan(_step, jnp.zeros((num_lags,), x.dtype), x)
-    return log_leverage
+    _, log_leverages = jax.lax.scan(_step, jnp.zeros((num_lags,), x.dtype), x)
+    return log_leverages
 
 
 def log_volatility_scales(spec: ModelSpec, natural: dict[str, Array]) -> Float[Array, " V"]:

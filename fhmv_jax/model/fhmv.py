@@ -250,8 +250,7 @@ def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> 
     mask = jnp.ones(spec.num_features, dtype) if spec.scale_mask is None else jnp.asarray(spec.scale_mask, dtype)
     num_lags = spec.num_leverage_lags if spec.leverage == "predictable" else 1
     if spec.leverage == "predictable":
-        decay = natural.get("theta_l", jnp.ones((), dtype))
-        lag_weights = natural["l1"] * jnp.cumprod(jnp.concatenate([jnp.ones(1, dtype), jnp.full(num_lags - 1, decay)]))
+        lag_weights = factors.leverage_lag_weights(natural["l1"], natural.get("theta_l"), num_lags)
 
     def _draw_state(key, t, state, x_prev):
         keys = jax.random.split(key, len(laws) + 1)
@@ -272,9 +271,8 @@ def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> 
         state = _draw_state(k_state, t, state, x_prev)
         regime = state[0]
         volatility = jnp.ravel_multi_index(state[1:], spec.volatility_shape, mode="clip") if state[1:] else 0
-        log_scale = static_log_scale[volatility]
-        if spec.leverage == "predictable":
-            log_scale = log_scale + jnp.sum(jnp.log1p(lag_weights * recent_g))
+        log_l = factors.log_leverage(lag_weights, recent_g) if spec.leverage == "predictable" else 0.0
+        log_scale = static_log_scale[volatility] + log_l
         component = jax.random.categorical(k_comp, params.log_weights[regime])
         z = chol[regime, component] @ jax.random.normal(k_normal, (spec.num_features,), dtype)
         if not spec.gaussian:
@@ -283,8 +281,7 @@ def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> 
         y_t = params.means[regime, component] + jnp.exp(0.5 * log_scale * mask) * z
         x_t = y_t[spec.driver_feature] if x is None and spec.needs_driver else x_given
         if spec.leverage == "predictable":
-            g_t = jnp.where(x_t < 0, -x_t, 0.0) * jnp.exp(-0.5 * (log_scale - static_log_scale[volatility]))
-            recent_g = jnp.concatenate([g_t[None], recent_g[:-1]])
+            recent_g = factors.push_shock(recent_g, x_t, log_l)
         return (state, recent_g, x_t), (y_t, jnp.stack(state), component, log_scale, x_t)
 
     num_axes = len(spec.state_shape)
