@@ -36,7 +36,8 @@ class SequenceStats(NamedTuple):
         first_moments: [E, G, K, D] sum_t omega^e_t (y_t - mu_{g,k}).
         second_moments: [E, G, K, D, D] sum_t omega^e_t (y_t - mu)(y_t - mu)^T.
         dof_terms: [G, K] sum_{t,v} tau (E[log W] - E[W]).
-        state_counts: [T, V] sum_{g,k} tau: the weight of each volatility sub-state.
+        state_counts: [T, V] sum_{g,k} tau = sum_g gamma (responsibilities sum to one): the
+            weight of each volatility sub-state.
         regime_volatility: [T, G, V] gamma_t(g, v) = P(R_t = g, vol. state v | y) (zero on padding).
         emission: the ``EmissionTerms`` of the E-step's model, from which tau and E[W] are
             recomputed (never stored per (t, g, k, v)).
@@ -154,7 +155,7 @@ def e_step(
         first_moments=first,
         second_moments=second,
         dof_terms=jnp.sum(tau * (expected_log_w - expected_w), axis=(0, 3)),
-        state_counts=jnp.sum(tau, axis=(1, 2)),
+        state_counts=jnp.sum(gamma, axis=1),
         regime_volatility=gamma,
         emission=emission,
     )
