@@ -23,6 +23,17 @@ def _non_finite_rows(name: str, values: np.ndarray) -> None:
         raise ValueError(f"{name} has NaN or inf values in {rows.size} row(s): {shown}")
 
 
+def _check_feature_count(spec: ModelSpec, num_features: int) -> None:
+    if num_features != spec.num_features:
+        raise ValueError(f"y has {num_features} features but the model expects num_features={spec.num_features}")
+
+
+def _missing_driver(spec: ModelSpec) -> ValueError:
+    return ValueError(
+        f"leverage={spec.leverage!r} needs a driver: pass x (shape [T]) or set ModelSpec.driver_feature"
+    )
+
+
 def check_observations(spec: ModelSpec, y, x=None, *, dtype=None, min_steps: int = 1):
     """Validate observations and the driver; return them as arrays of ``dtype``.
 
@@ -45,8 +56,7 @@ def check_observations(spec: ModelSpec, y, x=None, *, dtype=None, min_steps: int
     if y.ndim != 2:
         raise ValueError(f"y must be a [T, D] array of observations, got shape {y.shape}")
     num_steps, num_features = y.shape
-    if num_features != spec.num_features:
-        raise ValueError(f"y has {num_features} features but the model expects num_features={spec.num_features}")
+    _check_feature_count(spec, num_features)
     if num_steps < min_steps:
         raise ValueError(f"y has {num_steps} time steps; at least {min_steps} are needed")
     if not _is_traced(y):
@@ -55,9 +65,7 @@ def check_observations(spec: ModelSpec, y, x=None, *, dtype=None, min_steps: int
         return y, None
     if x is None:
         if spec.driver_feature is None:
-            raise ValueError(
-                f"leverage={spec.leverage!r} needs a driver: pass x (shape [T]) or set ModelSpec.driver_feature"
-            )
+            raise _missing_driver(spec)
         return y, y[:, spec.driver_feature]
     x = jnp.asarray(x, dtype=dtype)
     if x.shape != (num_steps,):
@@ -91,28 +99,34 @@ def check_sequences(spec: ModelSpec, y, x=None, lengths=None, *, dtype=None, min
         x = None if x is None else np.asarray(x)[None]
     if y.ndim != 3:
         raise ValueError(f"y must be [T, D] or a batch [B, T, D], got shape {y.shape}")
-    B, T, _ = y.shape
+    B, T, D = y.shape
+    _check_feature_count(spec, D)
     lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
     if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
         raise ValueError(f"lengths must be {B} integers (one per sequence), got {lengths!r}")
     if np.any(lengths > T):
         raise ValueError(f"lengths must not exceed the padded length {T}, got max {lengths.max()}")
     mask = np.arange(T)[None, :] < lengths[:, None]
+    if spec.needs_driver and x is None:
+        if spec.driver_feature is None:
+            raise _missing_driver(spec)
+        x = y[..., spec.driver_feature]
+    elif not spec.needs_driver:
+        x = None
     if x is not None:
         x = np.asarray(x, dtype=y.dtype)
         if x.shape != (B, T):
             raise ValueError(f"driver x must have shape {(B, T) if B > 1 else (T,)} to match y, got {x.shape}")
-    checked_x = []
     for b in range(B):
         prefix = f"sequence {b}: " if B > 1 else ""
+        if lengths[b] < min_steps:
+            raise ValueError(f"{prefix}y has {lengths[b]} time steps; at least {min_steps} are needed")
         try:
-            _, xb = check_observations(
-                spec, y[b, : lengths[b]], None if x is None else x[b, : lengths[b]], dtype=dtype, min_steps=min_steps
-            )
+            _non_finite_rows("y", y[b, : lengths[b]])
+            if x is not None:
+                _non_finite_rows("x", x[b, : lengths[b]])
         except ValueError as error:
             raise ValueError(prefix + str(error)) from None
-        if xb is not None:
-            checked_x.append(np.pad(np.asarray(xb), (0, T - lengths[b])))
     y = np.where(mask[..., None], y, 0.0)
-    x = np.stack(checked_x) if checked_x else None
+    x = None if x is None else np.where(mask, x, 0.0)
     return jnp.asarray(y, dtype=dtype), None if x is None else jnp.asarray(x, dtype=dtype), jnp.asarray(mask)
