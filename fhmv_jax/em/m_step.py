@@ -32,8 +32,8 @@ from ..model.params import FHMVParams, cholesky_factor, jump_transition_matrix, 
 from ..model.spec import ModelSpec
 from .stats import SequenceStats, component_posteriors, scale_exponents
 
-_NEWTON_STEPS = 4
-_STEP_SIZES = 0.5 ** jnp.arange(8)
+_NEWTON_STEPS = 3
+_STEP_SIZES = 0.5 ** jnp.arange(5)
 _BISECTION_STEPS = 64
 
 
@@ -52,7 +52,7 @@ def newton_ascent(objective: Callable, start, num_steps: int = _NEWTON_STEPS, de
     """Maximise ``objective`` over a small pytree by damped Newton steps with a line search.
 
     Each step moves along -(H)^{-1} g (eigenvalues of -H floored to keep it an ascent
-    direction), tries step sizes 1, 1/2, ..., 1/128 and keeps the best only if it does not
+    direction), tries step sizes 1, 1/2, ..., 1/16 and keeps the best only if it does not
     lower the objective, so the result is never worse than ``start``.
 
     Args:
