@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_SPECS
 from helpers import random_natural
 
 from fhmv_jax import FHMV, ModelSpec

@@ -13,11 +13,11 @@ import numpy as np
 
 from .._checks import check_sequences
 from .._types import Array, Float, PRNGKeyArray, Scalar
-from ..inference import forward_filter
-from ..model.fhmv import FHMV, inference_inputs
+from ..model.fhmv import FHMV
+from ..model.params import natural_parameters
 from .init import init_model
 from .m_step import CovariancePrior, log_prior, m_step
-from .stats import batch_e_step
+from .stats import batch_e_step, padded_forward
 
 
 class StepInfo(NamedTuple):
@@ -91,10 +91,10 @@ _em_step_restarts = eqx.filter_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, N
 
 
 def _objective(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior) -> StepInfo:
+    natural = natural_parameters(model.spec, model.params)
+
     def sequence(yb, xb, mb):
-        arrays = inference_inputs(model.spec, model.params, yb, xb)
-        log_b = arrays.log_likelihoods * mb.astype(yb.dtype).reshape((-1,) + (1,) * len(model.spec.state_shape))
-        return forward_filter(arrays.initial_probs, arrays.transitions, log_b).marginal_loglik
+        return padded_forward(model.spec, model.params, natural, yb, xb, mb)[2].marginal_loglik
 
     return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.params, prior))
 

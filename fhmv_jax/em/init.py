@@ -8,7 +8,8 @@ import numpy as np
 
 from .._checks import check_sequences
 from .._types import Array, PRNGKeyArray
-from ..model.fhmv import FHMV
+from ..model import factors
+from ..model.fhmv import FHMV, chain_arrays
 from ..model.spec import ModelSpec
 
 _MAX_KMEANS_POINTS = 50_000
@@ -72,12 +73,11 @@ def _clusters(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: int)
     return jax.vmap(_within)(jax.random.split(key_components, spec.num_regimes), membership)
 
 
-def _mean_scale(spec: ModelSpec, c1: float, theta_c: float, m1: float, jump_law: np.ndarray, l1: float) -> float:
-    """E[s] under the initial factor laws (chains uniform, jump stationary, Markov leverage uniform)."""
-    chains = np.prod([(2 + theta_c**n * (c1 - 1)) / 2 for n in range(spec.num_chains)])
-    jumps = jump_law @ np.concatenate([[1.0], 1 + 0.5 ** np.arange(spec.num_jump_states - 1) * (m1 - 1)])
-    leverage = (1 + l1) / 2 if spec.leverage == "markov" else 1.0
-    return float(chains * jumps * leverage)
+def _mean_scale(spec: ModelSpec, natural: dict) -> float:
+    """E[s] under the law of h_1 (chains uniform, jump stationary, Markov leverage uniform; L_t = 1)."""
+    initial, _ = chain_arrays(spec, natural, jnp.zeros(1))
+    volatility_law = jnp.sum(initial, axis=0).reshape(-1)
+    return float(volatility_law @ jnp.exp(factors.log_volatility_scales(spec, natural)))
 
 
 def _initial_jump(spec: ModelSpec, q: float) -> np.ndarray:
@@ -143,7 +143,6 @@ def init_model(
         "means": np.asarray(centres),
     }
     c1, theta, m1, q = 2.0, 0.5, 3.0, 0.05
-    jump_law = np.array([1.0])
     if not spec.gaussian:
         natural["dof"] = np.full((G, K), 10.0)
     if spec.num_chains:
@@ -151,21 +150,18 @@ def init_model(
     if spec.num_chains >= 2:
         natural["theta_c"] = theta
     if spec.has_jumps:
-        matrix = _initial_jump(spec, q)
-        natural |= {"jump_transition": matrix, "m1": m1}
-        jump_law = np.concatenate([[matrix[1, 0]], matrix[0, 1:]]) / (matrix[1, 0] + matrix[0, 1:].sum())
+        natural |= {"jump_transition": _initial_jump(spec, q), "m1": m1}
     if spec.num_jump_states >= 3:
         natural["theta_m"] = theta
-    l1 = 1.5 if spec.leverage == "markov" else 0.5
     if spec.leverage != "none":
-        natural["l1"] = l1
+        natural["l1"] = 1.5 if spec.leverage == "markov" else 0.5
     if spec.leverage == "predictable" and spec.num_leverage_lags >= 2:
         natural["theta_l"] = theta
     if spec.leverage == "markov":
         logits = np.zeros((2, 2, 2))
         logits[0, :, 1] = [-np.log(9.0), np.log(9.0)]
         natural["leverage_logits"] = logits
-    mean_scale = _mean_scale(spec, c1, theta, m1, jump_law, l1)
+    mean_scale = _mean_scale(spec, natural)
     mask = np.ones(D) if spec.scale_mask is None else np.asarray(spec.scale_mask, float)
     unscale = mean_scale ** (-mask / 2)
     natural["covariances"] = (covariances * unscale[:, None] * unscale[None, :]).reshape(G, K, D, D)

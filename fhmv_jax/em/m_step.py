@@ -28,7 +28,7 @@ from jax.scipy.special import digamma, xlogy
 from .._types import Array, Float
 from ..model import emissions, factors
 from ..model.fhmv import log_scales
-from ..model.params import FHMVParams, cholesky_factor, jump_transition_matrix, natural_parameters
+from ..model.params import FHMVParams, cholesky_factor, jump_transition_matrix, logit, natural_parameters, safe_log
 from ..model.spec import ModelSpec
 from .stats import SequenceStats, component_posteriors, scale_exponents
 
@@ -94,22 +94,13 @@ def _normalised_rows(counts: Array, fallback: Array) -> Array:
     return jnp.where(totals > 0, counts / jnp.where(totals > 0, totals, 1.0), fallback)
 
 
-def _log(p: Array) -> Array:
-    return jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
-
-
-def _logit(p: Array) -> Array:
-    p = jnp.clip(p, jnp.finfo(p.dtype).tiny, 1 - jnp.finfo(p.dtype).epsneg)
-    return jnp.log(p) - jnp.log1p(-p)
-
-
 def regime_update(params: FHMVParams, initial: Array, counts: Array) -> FHMVParams:
     """pi = E[1{R_1 = g}] (averaged over sequences); A = expected transition counts, normalised."""
     natural_A = jax.nn.softmax(params.transition_logits, axis=-1)
     return eqx.tree_at(
         lambda p: (p.initial_logits, p.transition_logits),
         params,
-        (_log(initial / jnp.sum(initial)), _log(_normalised_rows(counts, natural_A))),
+        (safe_log(initial / jnp.sum(initial)), safe_log(_normalised_rows(counts, natural_A))),
     )
 
 
@@ -122,7 +113,7 @@ def persistence_update(spec: ModelSpec, params: FHMVParams, counts: tuple[Array,
         stays, totals = jnp.sum(stays, keepdims=True), jnp.sum(totals, keepdims=True)
     old = jax.nn.sigmoid(params.persistence_raw)
     p = jnp.where(totals > 0, stays / jnp.where(totals > 0, totals, 1.0), old)
-    return eqx.tree_at(lambda q: q.persistence_raw, params, _logit(p))
+    return eqx.tree_at(lambda q: q.persistence_raw, params, logit(p))
 
 
 _JUMP_FIELDS = ("jump_q_raw", "jump_back_raw", "jump_phi_raw")
@@ -181,9 +172,7 @@ def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, p
     dtype = params.means.dtype
     D = spec.num_features
     counts = stats.component_counts
-    regime_totals = jnp.sum(counts, axis=-1, keepdims=True)
-    old_weights = jax.nn.softmax(params.log_weights, axis=-1)
-    weights = jnp.where(regime_totals > 0, counts / jnp.where(regime_totals > 0, regime_totals, 1.0), old_weights)
+    weights = _normalised_rows(counts, jax.nn.softmax(params.log_weights, axis=-1))
 
     eye = jnp.broadcast_to(jnp.eye(D, dtype=dtype), counts.shape + (D, D))
     patterns = emissions.mask_patterns(spec.scale_mask, D, dtype)
@@ -214,14 +203,14 @@ def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, p
     )[..., None] * eye
     chol_raw = jnp.where(usable[..., None, None], chol_raw, params.chol_raw)
 
-    updated = eqx.tree_at(lambda p: (p.log_weights, p.means, p.chol_raw), params, (_log(weights), means, chol_raw))
+    updated = eqx.tree_at(lambda p: (p.log_weights, p.means, p.chol_raw), params, (safe_log(weights), means, chol_raw))
     if spec.gaussian:
         return updated
     low, high = spec.dof_bounds
     old_dof = natural_parameters(spec, params)["dof"]
     safe_counts = jnp.where(counts > 0, counts, 1.0)
     dof = jnp.where(counts > 0, solve_dof(stats.dof_terms / safe_counts, low, high), old_dof)
-    return eqx.tree_at(lambda p: p.dof_raw, updated, _logit((dof - low) / (high - low)))
+    return eqx.tree_at(lambda p: p.dof_raw, updated, logit((dof - low) / (high - low)))
 
 
 def scale_update(

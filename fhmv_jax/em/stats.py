@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma
 
 from .._types import Array, Bool, Float, Scalar
-from ..inference import backward_pass, forward_filter
+from ..inference import FilterPosterior, backward_pass, forward_filter
 from ..inference._ops import normalise, state_axes
 from ..model.fhmv import EmissionTerms, chain_arrays, component_terms, emission_terms
 from ..model.params import FHMVParams, natural_parameters
@@ -94,6 +94,22 @@ def _factor_marginals(joint: Array) -> tuple[Array, ...]:
     return tuple(jnp.sum(joint, axis=tuple(a for a in axes if a != axis)) for axis in axes)
 
 
+def padded_forward(
+    spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None, mask: Bool[Array, " T"]
+) -> tuple[tuple[Array, ...], EmissionTerms, FilterPosterior]:
+    """Forward filter over a sequence padded at its end: padded steps get log b = 0 (uninformative),
+    which leaves the log-likelihood and the posteriors of the valid steps exact.
+
+    Returns:
+        (transitions, emission terms with the padded log b zeroed, the forward posterior).
+    """
+    initial, transitions = chain_arrays(spec, natural, x)
+    emission = emission_terms(spec, params, natural, y, x)
+    emission = emission._replace(log_emissions=emission.log_emissions * mask.astype(y.dtype)[:, None, None])
+    log_b = emission.log_emissions.reshape((y.shape[0],) + spec.state_shape)
+    return transitions, emission, forward_filter(initial, transitions, log_b)
+
+
 def e_step(
     spec: ModelSpec,
     params: FHMVParams,
@@ -117,11 +133,7 @@ def e_step(
     G = spec.num_regimes
     valid = mask.astype(y.dtype)
     natural = natural_parameters(spec, params)
-    initial, transitions = chain_arrays(spec, natural, x)
-    emission = emission_terms(spec, params, natural, y, x)
-    emission = emission._replace(log_emissions=emission.log_emissions * valid[:, None, None])
-    log_b = emission.log_emissions.reshape((T,) + spec.state_shape)
-    forward = forward_filter(initial, transitions, log_b)
+    transitions, emission, forward = padded_forward(spec, params, natural, y, x, mask)
     betas, pairwise = backward_pass(transitions, forward, step_weights=valid[1:])
     smoothed = normalise(forward.filtered_probs * betas, state_axes(len(spec.state_shape)))
 

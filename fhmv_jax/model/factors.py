@@ -31,13 +31,18 @@ def jump_stationary_law(jump_transition: Float[Array, "M M"]) -> Float[Array, " 
     return unnormalised / jnp.maximum(unnormalised.sum(), jnp.finfo(unnormalised.dtype).tiny)
 
 
+def leverage_transition(leverage_logits: Float[Array, "2 2 2"], x_prev: Float[Array, ""]) -> Float[Array, "2 2"]:
+    """P(V_t = j | V_{t-1} = i, x_{t-1}) = softmax_j(a_ij + b_ij x_{t-1})."""
+    a, b = leverage_logits
+    return jax.nn.softmax(a + b * x_prev, axis=-1)
+
+
 def markov_leverage_transitions(
     leverage_logits: Float[Array, "2 2 2"], x: Float[Array, " T"]
 ) -> Float[Array, "T 2 2"]:
-    """P(V_t = j | V_{t-1} = i, x_{t-1}) = softmax_j(a_ij + b_ij x_{t-1}); entry 0 (no predecessor) is unused."""
-    a, b = leverage_logits
+    """``leverage_transition`` at every step, driven by x_{t-1}; entry 0 (no predecessor) is unused."""
     x_prev = jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]])
-    return jax.nn.softmax(a[None] + b[None] * x_prev[:, None, None], axis=-1)
+    return jax.vmap(leverage_transition, in_axes=(None, 0))(leverage_logits, x_prev)
 
 
 def leverage_lag_weights(l1: Float[Array, ""], theta_l: Float[Array, ""] | None, num_lags: int) -> Float[Array, " L"]:

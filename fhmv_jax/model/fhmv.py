@@ -259,7 +259,7 @@ def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> 
             probs = jnp.where(t == 0, law, matrix[s])
             new.append(jax.random.categorical(k, jnp.log(probs)).astype(jnp.int32))
         if spec.leverage == "markov":
-            row = jax.nn.softmax(natural["leverage_logits"][0][state[-1]] + natural["leverage_logits"][1][state[-1]] * x_prev)
+            row = factors.leverage_transition(natural["leverage_logits"], x_prev)[state[-1]]
             probs = jnp.where(t == 0, jnp.full(2, 0.5, dtype), row)
             new.append(jax.random.categorical(keys[-1], jnp.log(probs)).astype(jnp.int32))
         return tuple(new)

@@ -155,6 +155,19 @@ def natural_parameters(spec: ModelSpec, params: FHMVParams) -> dict[str, Array]:
     return natural
 
 
+def safe_log(p: Array) -> Array:
+    """log p with zero probabilities mapped to log(tiny), a finite logit."""
+    p = jnp.asarray(p)
+    return jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
+
+
+def logit(p: Array) -> Array:
+    """log(p / (1 - p)), with p clipped into (0, 1) so that 0 and 1 stay finite."""
+    p = jnp.asarray(p)
+    p = jnp.clip(p, jnp.finfo(p.dtype).tiny, 1 - jnp.finfo(p.dtype).epsneg)
+    return jnp.log(p) - jnp.log1p(-p)
+
+
 # ----------------------------------------------------------------------------------------
 # natural -> unconstrained, with validation (outside jit, on concrete values)
 
@@ -196,21 +209,12 @@ def _check_interval(name: str, value: np.ndarray, low: float, high: float, close
         raise ValueError(f"{name} must lie in {brackets[0]}{low}, {high}{brackets[1]}, got {value}")
 
 
-def _log(p: np.ndarray) -> np.ndarray:
-    return np.log(np.maximum(p, np.finfo(np.float64).tiny))
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    clipped = np.clip(p, np.finfo(np.float64).tiny, 1 - np.finfo(np.float64).epsneg)
-    return np.log(clipped) - np.log1p(-clipped)
-
-
 def _jump_raw(spec: ModelSpec, matrix: np.ndarray) -> dict[str, np.ndarray | None]:
     """Recover (q, q_back) or (phi, q) from a jump matrix, checking it is in the spec's family."""
     M = spec.num_jump_states
     _check_stochastic("jump_transition", matrix)
     if spec.jump_mode == "markov":
-        return {"jump_q_raw": _logit(matrix[0, 1]), "jump_back_raw": _logit(matrix[1, 0]), "jump_phi_raw": None}
+        return {"jump_q_raw": logit(matrix[0, 1]), "jump_back_raw": logit(matrix[1, 0]), "jump_phi_raw": None}
     one_minus_phi = matrix[1, 0] + (M - 1) * matrix[0, 1]
     if one_minus_phi <= 0:
         raise ValueError("jump_transition is the identity: phi = 1 leaves q unidentified")
@@ -223,9 +227,9 @@ def _jump_raw(spec: ModelSpec, matrix: np.ndarray) -> dict[str, np.ndarray | Non
     if spec.jump_mode == "iid" and abs(phi) > 1e-8:
         raise ValueError(f"jump_mode='iid' needs identical rows (phi = 0), got phi = {phi:.6g}")
     return {
-        "jump_q_raw": _logit(q),
+        "jump_q_raw": logit(q),
         "jump_back_raw": None,
-        "jump_phi_raw": _logit(phi) if spec.jump_mode == "family" else None,
+        "jump_phi_raw": logit(phi) if spec.jump_mode == "family" else None,
     }
 
 
@@ -256,9 +260,9 @@ def params_from_natural(spec: ModelSpec, values: dict, dtype=None) -> FHMVParams
     _check_stochastic("regime_transition", v["regime_transition"])
     _check_stochastic("weights", v["weights"])
     raw = {
-        "initial_logits": _log(v["initial_regime"]),
-        "transition_logits": _log(v["regime_transition"]),
-        "log_weights": _log(v["weights"]),
+        "initial_logits": safe_log(v["initial_regime"]),
+        "transition_logits": safe_log(v["regime_transition"]),
+        "log_weights": safe_log(v["weights"]),
         "means": v["means"],
         "chol_raw": _covariance_raw(v["covariances"]),
         "dof_raw": None,
@@ -277,31 +281,31 @@ def params_from_natural(spec: ModelSpec, values: dict, dtype=None) -> FHMVParams
     if "dof" in v:
         low, high = spec.dof_bounds
         _check_interval("dof", v["dof"], low, high, "both")
-        raw["dof_raw"] = _logit((v["dof"] - low) / (high - low))
+        raw["dof_raw"] = logit((v["dof"] - low) / (high - low))
     if "persistence_stay" in v:
         p = v["persistence_stay"]
         _check_interval("persistence_stay", p, 0.0, 1.0, "both")
         if spec.tied_persistence and not np.allclose(p, p[0], rtol=0, atol=1e-12):
             raise ValueError(f"tied_persistence needs equal persistence_stay values, got {p}")
-        raw["persistence_raw"] = _logit(p[:1] if spec.tied_persistence else p)
+        raw["persistence_raw"] = logit(p[:1] if spec.tied_persistence else p)
         _check_interval("c1", v["c1"], 1.0, np.inf, "neither")
         raw["c1_raw"] = np.log(v["c1"] - 1)
     if "theta_c" in v:
         _check_interval("theta_c", v["theta_c"], 0.0, 1.0, "neither")
-        raw["theta_c_raw"] = _logit(v["theta_c"])
+        raw["theta_c_raw"] = logit(v["theta_c"])
     if "jump_transition" in v:
         raw |= _jump_raw(spec, v["jump_transition"])
         _check_interval("m1", v["m1"], 1.0, np.inf, "neither")
         raw["m1_raw"] = np.log(v["m1"] - 1)
     if "theta_m" in v:
         _check_interval("theta_m", v["theta_m"], 0.0, 1.0, "neither")
-        raw["theta_m_raw"] = _logit(v["theta_m"])
+        raw["theta_m_raw"] = logit(v["theta_m"])
     if spec.leverage == "predictable":
         _check_interval("l1", v["l1"], 0.0, np.inf, "neither")
         raw["l1_raw"] = np.log(v["l1"])
         if "theta_l" in v:
             _check_interval("theta_l", v["theta_l"], 0.0, 1.0, "left")
-            raw["theta_l_raw"] = _logit(v["theta_l"])
+            raw["theta_l_raw"] = logit(v["theta_l"])
     if spec.leverage == "markov":
         _check_interval("l1", v["l1"], 1.0, np.inf, "neither")
         raw["l1_raw"] = np.log(v["l1"] - 1)
