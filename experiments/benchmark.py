@@ -5,6 +5,7 @@ Usage:
     python experiments/benchmark.py inference --steps 100000
     python experiments/benchmark.py em --steps 800 10000 100000
     python experiments/benchmark.py gmm --steps 10000 100000    # needs: pip install hmmlearn dynamax
+    python experiments/benchmark.py stream --steps 1000 10000 100000
 
 Every figure is the best of ``--repeats`` runs after compilation; compile time is
 measured separately with ahead-of-time lowering and compilation.
@@ -25,6 +26,7 @@ from fhmv_jax import inference
 from fhmv_jax._checks import check_sequences
 from fhmv_jax.em import CovariancePrior, em_step, init_model
 from fhmv_jax.model import example_model, inference_inputs
+from fhmv_jax.streaming import init_stream, stream_filter, stream_step
 
 
 def best_of(fn, args, repeats: int) -> float:
@@ -155,9 +157,47 @@ def run_gmm(steps: list[int], repeats: int) -> list[str]:
     return rows
 
 
+LIVE_STEPS = 2000
+"""Observations fed one call at a time in the ``stream`` mode (its cost per observation does not depend on T)."""
+
+
+def run_stream(steps: list[int], repeats: int) -> list[str]:
+    """Observations per second of the streaming filter for the default spec.
+
+    ``stream_step`` is timed as in live use: one jitted call per observation, from numpy rows,
+    input checks included, over the first ``LIVE_STEPS`` observations; ``stream_filter`` over
+    the whole block of T observations.
+    """
+    model = example_model(jax.random.key(0))
+    start = init_stream(model)
+
+    def feed(model, y, x):
+        state = start
+        for y_t, x_t in zip(y, x):
+            state, _ = stream_step(model, state, y_t, x_t)
+        return state
+
+    rows = [
+        "| T | block compile (s) | block (s) | block obs / s | step: obs fed | step us / obs | step obs / s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for T in steps:
+        sample = model.sample(jax.random.key(T), T)
+        y, x = np.asarray(sample.observations), np.asarray(sample.driver)
+        compiled = compile_seconds(lambda m, y, x: stream_filter(m, start, y, x), (model, y, x))
+        block = best_of(stream_filter, (model, start, y, x), repeats)
+        live = min(T, LIVE_STEPS)
+        step = best_of(feed, (model, y[:live], x[:live]), repeats) / live
+        rows.append(
+            f"| {T} | {compiled:.2f} | {block:.4f} | {T / block:,.0f} | {live} | {1e6 * step:.1f} | {1 / step:,.0f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm"])
+    parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm", "stream"])
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -169,6 +209,8 @@ def main() -> None:
         rows = run_em(args.steps, args.repeats)
     elif args.which == "gmm":
         rows = run_gmm(args.steps, args.repeats)
+    elif args.which == "stream":
+        rows = run_stream(args.steps, args.repeats)
     else:
         rows = run(args.which, args.steps, args.repeats)
     print("\n".join(rows))

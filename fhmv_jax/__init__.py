@@ -14,6 +14,10 @@ if os.environ.get("FHMV_JAX_ENABLE_X64", "1") != "0":
 
 from .model import FHMV, Factors, FHMVParams, FilterResult, ModelSpec, Sample, SmoothResult  # noqa: E402
 from .em import FitResult, em_step, fit_em, init_model  # noqa: E402
+from .data import Standardizer  # noqa: E402
+from .io import ModelFileError, SavedModel, load, save  # noqa: E402
+from .predict import RegimePrediction, predict_regimes  # noqa: E402
+from .streaming import StreamOutput, StreamState, init_stream, stream_filter, stream_step  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,11 +27,23 @@ __all__ = [
     "Factors",
     "FilterResult",
     "FitResult",
+    "ModelFileError",
     "ModelSpec",
+    "RegimePrediction",
     "Sample",
+    "SavedModel",
     "SmoothResult",
+    "Standardizer",
+    "StreamOutput",
+    "StreamState",
     "__version__",
     "em_step",
     "fit_em",
     "init_model",
+    "init_stream",
+    "load",
+    "predict_regimes",
+    "save",
+    "stream_filter",
+    "stream_step",
 ]

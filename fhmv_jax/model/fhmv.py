@@ -172,20 +172,41 @@ def component_terms(
 
 def emission_terms(spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None) -> EmissionTerms:
     """log b_t(g, v) = LSE_k of the weighted component densities (one fused reduction)."""
-    log_scale = log_scales(spec, natural, x)
+    return emission_terms_at_scale(spec, params, natural, y, log_scales(spec, natural, x))
+
+
+def emission_terms_at_scale(
+    spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, log_scale: Float[Array, "T V"]
+) -> EmissionTerms:
+    """``emission_terms`` for given log s_t(v) ([T, V] or [1, V]), e.g. one step of a streaming filter."""
     chol = cholesky_factor(params.chol_raw)
     mahalanobis = emissions.mahalanobis_terms(y, params.means, emissions.inverse_cholesky(chol), spec.scale_mask)
     weighted = component_terms(spec, params, natural, mahalanobis, log_scale).weighted_log_dens
     return EmissionTerms(log_scale, mahalanobis, jax.nn.logsumexp(weighted, axis=2))
 
 
-def chain_arrays(spec: ModelSpec, natural: dict, x: Array | None) -> tuple[Array, tuple[Array, ...]]:
-    """The law of h_1 over the joint state tensor and one transition matrix per factor axis."""
-    laws, matrices = _factor_laws(spec, natural)
+def initial_law(spec: ModelSpec, natural: dict) -> Float[Array, "*state"]:
+    """The law of h_1 over the joint state tensor (a product of the factors' laws)."""
+    laws, _ = _factor_laws(spec, natural)
     if spec.leverage == "markov":
         laws = laws + (jnp.full((2,), 0.5, natural["means"].dtype),)
+    return _outer(laws)
+
+
+def step_transitions(spec: ModelSpec, natural: dict, x_prev: Float[Array, ""] | None) -> tuple[Array, ...]:
+    """One [n, n] transition matrix per factor axis for a single step t - 1 -> t, given the driver x_{t-1}."""
+    _, matrices = _factor_laws(spec, natural)
+    if spec.leverage == "markov":
+        matrices = matrices + (factors.leverage_transition(natural["leverage_logits"], x_prev),)
+    return matrices
+
+
+def chain_arrays(spec: ModelSpec, natural: dict, x: Array | None) -> tuple[Array, tuple[Array, ...]]:
+    """The law of h_1 over the joint state tensor and one transition matrix per factor axis."""
+    _, matrices = _factor_laws(spec, natural)
+    if spec.leverage == "markov":
         matrices = matrices + (factors.markov_leverage_transitions(natural["leverage_logits"], x),)
-    return _outer(laws), matrices
+    return initial_law(spec, natural), matrices
 
 
 def inference_inputs(spec: ModelSpec, params: FHMVParams, y: Array, x: Array | None) -> InferenceInputs:

@@ -1,0 +1,338 @@
+"""The main job's steps, shared by train.py and quick_test.py: config in, outputs on disk.
+
+Data flow: data (simulated or CSV) -> causal features -> split -> Standardizer (train rows)
+-> init_model -> fit_em -> regime naming (Hungarian on train) -> metrics, oracle -> dashboard
+-> save -> reload -> predict on test -> metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+import fhmv_jax
+from fhmv_jax.data import FEATURE_NAMES, REGIME_NAMES, FeatureTransform, Standardizer, load_csv, simulate_market
+from fhmv_jax.eval import align_to_labels, oracle_readout, regime_scores
+from fhmv_jax.incremental import IncrementalTrainer, ModelRegistry, RetrainSettings, TriggerSettings
+from fhmv_jax.predict import predict_raw, predict_regimes
+
+MODEL_FILE = "fhmv_model.fhmv"
+DASHBOARD_FILE = "fhmv_training_results.png"
+METRICS_FILE = "metrics.json"
+
+
+class Dataset(NamedTuple):
+    """Model-ready data of one run.
+
+    Attributes:
+        raw: [T + 1, D] raw rows (row 0 is the warm-up of the causal features).
+        features: [T, D] causal features (before standardisation), row t from raw rows <= t + 1.
+        labels: [T] true regime indices, or None.
+        timestamps: [T] timestamps of the feature rows.
+        feature_names: [D]; regime_names: [G_true] names of the true labels.
+        transform: the causal feature transform.
+    """
+
+    raw: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray | None
+    timestamps: np.ndarray
+    feature_names: tuple[str, ...]
+    regime_names: tuple[str, ...]
+    transform: FeatureTransform
+
+
+def feature_transform(cfg: DictConfig, feature_names) -> FeatureTransform:
+    features = cfg.data.features
+    return FeatureTransform(
+        feature_names=tuple(feature_names),
+        log_return=tuple(features.log_return),
+        log1p=tuple(features.log1p),
+        ewma_spans=tuple((name, float(span)) for name, span in features.ewma_spans.items()),
+    )
+
+
+def load_dataset(cfg: DictConfig, key) -> Dataset:
+    """Simulate (``data.kind=synthetic``) or read (``csv``) the data and compute causal features."""
+    if cfg.data.kind == "synthetic":
+        market = simulate_market(
+            key,
+            cfg.data.num_steps + 1,
+            frequencies=tuple(cfg.data.frequencies),
+            persistence=cfg.data.persistence,
+            start=cfg.data.start,
+        )
+        regime_names = market.regime_names
+    else:
+        market = load_csv(
+            cfg.data.path,
+            feature_names=tuple(cfg.data.feature_columns),
+            timestamp_column=cfg.data.timestamp_column,
+            regime_column=cfg.data.regime_column,
+            regime_names=tuple(cfg.data.regime_names),
+        )
+        regime_names = tuple(cfg.data.regime_names)
+    transform = feature_transform(cfg, market.feature_names)
+    features = transform.apply(market.features).features
+    labels = None if market.regimes is None else np.asarray(market.regimes)[1:]
+    return Dataset(market.features, features, labels, market.timestamps[1:], tuple(market.feature_names),
+                   tuple(regime_names), transform)
+
+
+def model_spec(cfg: DictConfig, feature_names) -> fhmv_jax.ModelSpec:
+    """The ModelSpec of ``cfg.model``; feature names in the config are checked against the data."""
+    m = cfg.model
+
+    def index(name):
+        if name not in feature_names:
+            raise ValueError(f"model config names feature {name!r}, which is not one of {list(feature_names)}")
+        return feature_names.index(name)
+
+    scale_mask = None
+    if m.scale_features is not None:
+        chosen = {index(name) for name in m.scale_features}
+        scale_mask = tuple(d in chosen for d in range(len(feature_names)))
+    return fhmv_jax.ModelSpec(
+        num_features=len(feature_names),
+        num_regimes=m.num_regimes,
+        num_chains=m.num_chains,
+        num_jump_states=m.num_jump_states,
+        num_components=m.num_components,
+        leverage=m.leverage,
+        num_leverage_lags=m.num_leverage_lags,
+        jump_mode=m.jump_mode,
+        tied_persistence=m.tied_persistence,
+        gaussian=m.gaussian,
+        scale_mask=scale_mask,
+        driver_feature=None if m.driver is None else index(m.driver),
+        dof_bounds=tuple(m.dof_bounds),
+    )
+
+
+def split_rows(num_steps: int, train_fraction: float, min_steps: int) -> int:
+    """Number of training rows; both parts must keep at least ``min_steps`` rows."""
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"data.train_fraction must lie in (0, 1), got {train_fraction}")
+    num_train = int(round(train_fraction * num_steps))
+    if min(num_train, num_steps - num_train) < min_steps:
+        raise ValueError(
+            f"{num_steps} steps split at {train_fraction} leave {num_train} train / {num_steps - num_train} test rows;"
+            f" each part needs at least {min_steps}"
+        )
+    return num_train
+
+
+def factor_parameters(model: fhmv_jax.FHMV) -> dict[str, float]:
+    """Scalar factor parameters of a fitted model, for display and metrics."""
+    natural = model.natural_parameters()
+    scalars = {}
+    for name in ("persistence_stay", "c1", "theta_c", "m1", "theta_m", "l1", "theta_l"):
+        if name in natural:
+            values = np.atleast_1d(np.asarray(natural[name]))
+            scalars.update({name if values.size == 1 else f"{name}[{i}]": float(v) for i, v in enumerate(values)})
+    if "jump_transition" in natural:
+        jump = np.asarray(natural["jump_transition"])
+        scalars["jump q"] = float(1 - jump[0, 0])
+        scalars["jump q_back"] = float(jump[1, 0])
+    return scalars
+
+
+def check_reload(saved, y_test, before, prediction) -> None:
+    """The reloaded model, fed the raw test rows through its stored transform, predicts as the trained one.
+
+    Raises:
+        RuntimeError: any difference beyond the rounding of the feature transform.
+    """
+    same_inputs = predict_regimes(saved.model, y_test, regime_names=saved.metadata["regime_names"])
+    if not np.array_equal(same_inputs.probabilities, before.probabilities):
+        raise RuntimeError("the reloaded model's test probabilities differ from the trained model's")
+    if not (np.allclose(prediction.probabilities, before.probabilities, rtol=0, atol=1e-9)
+            and np.array_equal(prediction.regimes, before.regimes)):
+        raise RuntimeError("predictions from raw test rows through the stored feature transform differ")
+
+
+def fit_model(cfg: DictConfig, spec: fhmv_jax.ModelSpec, y_train, key_init, key_restarts):
+    """init_model + fit_em with the ``train`` settings (progress printed)."""
+    start = fhmv_jax.init_model(key_init, spec, y_train, num_seeds=cfg.train.init_seeds)
+    return fhmv_jax.fit_em(
+        start,
+        y_train,
+        max_iters=cfg.train.max_iters,
+        tol=cfg.train.tol,
+        num_restarts=cfg.train.num_restarts,
+        key=key_restarts,
+        covariance_ridge=cfg.train.covariance_ridge,
+        covariance_prior_count=cfg.train.covariance_prior_count,
+    )
+
+
+def incremental_settings(cfg: DictConfig) -> tuple[TriggerSettings, RetrainSettings]:
+    """The ``incremental`` config as the library's settings."""
+    c = cfg.incremental
+    triggers = TriggerSettings(c.every, c.log_likelihood_drop, c.accuracy_drop, c.drift_psi, c.anomaly_z, c.recent)
+    return triggers, RetrainSettings(c.max_iters, c.tol, c.window, c.validation, c.margin)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(temporary, path)
+
+
+def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
+    """Run the whole job into ``output_dir`` and return the metrics written to metrics.json.
+
+    Raises:
+        ValueError: bad configuration or data (named); RuntimeError: the reloaded model
+            does not reproduce the trained model's predictions.
+    """
+    job_start = time.perf_counter()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    key_data, key_init, key_restarts = jax.random.split(jax.random.key(cfg.seed), 3)
+
+    data = load_dataset(cfg, key_data)
+    spec = model_spec(cfg, data.feature_names)
+    num_steps = data.features.shape[0]
+    num_train = split_rows(num_steps, cfg.data.train_fraction, min_steps=2 * spec.num_regimes)
+    standardizer = Standardizer.fit(data.features[:num_train], feature_names=data.feature_names)
+    y = standardizer.transform(data.features)
+    y_train, y_test = y[:num_train], y[num_train:]
+    print(f"data: {num_steps} steps ({num_train} train / {num_steps - num_train} test), {spec.num_features} features;"
+          f" model: {spec.num_states} joint states, {spec.num_components} components per regime", flush=True)
+
+    fit_start = time.perf_counter()
+    fit = fit_model(cfg, spec, y_train, key_init, key_restarts)
+    fit_seconds = time.perf_counter() - fit_start
+    model = fit.model
+
+    train_smoothed = np.asarray(model.smooth(y_train).marginals.regime)
+    if data.labels is not None:
+        alignment = align_to_labels(data.labels[:num_train], train_smoothed.argmax(-1), spec.num_regimes,
+                                    names=data.regime_names)
+    else:
+        alignment = None
+    names = alignment.names if alignment else tuple(f"R{g}" for g in range(spec.num_regimes))
+
+    model_path = output_dir / MODEL_FILE
+    metadata = {
+        "feature_names": list(data.feature_names),
+        "feature_transform": data.transform.to_dict(),
+        "feature_carry": data.transform.apply(data.raw[: num_train + 1]).carry.to_dict(),
+        "standardizer": standardizer.to_dict(),
+        "regime_names": list(names),
+        "training": {"num_steps": num_train, "num_iters": fit.num_iters, "converged": fit.converged,
+                     "log_likelihood": float(fit.log_likelihoods[-1]), "seed": cfg.seed},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    fhmv_jax.save(model_path, model, **metadata)
+    before = predict_regimes(model, y_test, regime_names=names, ambiguity_threshold=cfg.eval.ambiguity_threshold)
+    saved = fhmv_jax.load(model_path)
+    prediction = predict_raw(saved, data.raw[num_train + 1 :], ambiguity_threshold=cfg.eval.ambiguity_threshold)
+    check_reload(saved, y_test, before, prediction)
+
+    metrics = {
+        "log_likelihoods": [float(v) for v in fit.log_likelihoods],
+        "converged": fit.converged,
+        "num_iters": fit.num_iters,
+        "fit_seconds": fit_seconds,
+        "regime_names": list(names),
+        "factor_parameters": factor_parameters(model),
+        "train": {"num_steps": num_train,
+                  "log_likelihood_per_step": float(model.log_likelihood(y_train)) / num_train},
+        "test": {"num_steps": num_steps - num_train,
+                 "log_likelihood_per_step": float(model.log_likelihood(y_test)) / (num_steps - num_train),
+                 "ambiguous_fraction": float(np.mean(prediction.ambiguous))},
+    }
+    if alignment is not None:
+        labels_train, labels_test = data.labels[:num_train], data.labels[num_train:]
+        G_true = len(data.regime_names)
+        metrics["train"].update(regime_scores(labels_train, alignment.relabel(train_smoothed.argmax(-1)), G_true)
+                                .to_dict(data.regime_names))
+        test_filtered = regime_scores(labels_test, alignment.relabel(prediction.regimes), G_true)
+        smoothed = predict_regimes(model, y_test, method="smooth").regimes
+        viterbi = predict_regimes(model, y_test, method="viterbi").regimes
+        oracle = oracle_readout(y_train, labels_train, y_test, G_true)
+        metrics["test"].update(test_filtered.to_dict(data.regime_names))
+        metrics["test"].update({
+            "smoothed_accuracy": regime_scores(labels_test, alignment.relabel(smoothed), G_true).accuracy,
+            "viterbi_accuracy": regime_scores(labels_test, alignment.relabel(viterbi), G_true).accuracy,
+            "oracle_accuracy": regime_scores(labels_test, oracle.filtered, G_true).accuracy,
+            "oracle_smoothed_accuracy": regime_scores(labels_test, oracle.smoothed, G_true).accuracy,
+        })
+        if cfg.eval.dashboard:
+            from fhmv_jax.eval.plots import DashboardData, training_dashboard
+
+            natural = model.natural_parameters()
+            dof = None if spec.gaussian else np.asarray(natural["dof"])[np.argsort(alignment.mapping)]
+            training_dashboard(output_dir / DASHBOARD_FILE, DashboardData(
+                log_likelihoods=fit.log_likelihoods,
+                names=data.regime_names,
+                confusion=test_filtered.confusion,
+                true_regimes=labels_test,
+                predicted_regimes=alignment.relabel(prediction.regimes),
+                probabilities=alignment.reorder(prediction.probabilities),
+                factor_parameters=metrics["factor_parameters"],
+                dof=dof,
+                title=f"FHMV training results: {spec.num_states} joint states, seed {cfg.seed}",
+            ))
+    metrics["incremental"] = update_cycle(cfg, output_dir, model, metadata, y_train, y_test, data, num_train)
+    metrics["total_seconds"] = time.perf_counter() - job_start
+    _write_json(output_dir / METRICS_FILE, metrics)
+    OmegaConf.save(cfg, output_dir / "config.yaml")
+    summarise(metrics, output_dir)
+    return metrics
+
+
+def update_cycle(cfg, output_dir: Path, model, metadata: dict, y_train, y_test, data: Dataset, num_train: int):
+    """One incremental-update cycle on the held-out rows: deploy v1, feed the test rows, refit (forced)."""
+    registry = ModelRegistry(output_dir / "registry")
+    registry.deploy(model, **metadata)
+    triggers, retrain = incremental_settings(cfg)
+    retrain = retrain._replace(validation=min(retrain.validation, len(y_test) // 2))
+    labels = None if data.labels is None else data.labels
+    trainer = IncrementalTrainer(
+        registry, y_train, labels=None if labels is None else labels[:num_train],
+        label_names=data.regime_names, triggers=triggers, retrain=retrain,
+        log=lambda line: print(f"incremental update: {line}", flush=True),
+    )
+    report = trainer.observe(y_test, None if labels is None else labels[num_train:], force=True)
+    return {
+        "decision": report.decision,
+        "version": report.version,
+        "triggers": {t.name: {"fired": t.fired, "value": float(t.value), "threshold": float(t.threshold)}
+                     for t in report.triggers},
+        "current_validation_log_likelihood": report.current_score,
+        "candidate_validation_log_likelihood": report.candidate_score,
+        "num_iters": report.num_iters,
+        "seconds": report.seconds,
+    }
+
+
+def summarise(metrics: dict, output_dir: Path) -> None:
+    """The console summary."""
+    train, test = metrics["train"], metrics["test"]
+    lines = [
+        "",
+        f"EM: {metrics['num_iters']} iterations, converged={metrics['converged']}, fit {metrics['fit_seconds']:.1f} s",
+        f"log-likelihood per step: train {train['log_likelihood_per_step']:.4f}, test {test['log_likelihood_per_step']:.4f}",
+    ]
+    if "accuracy" in test:
+        lines += [
+            f"aligned accuracy: train (smoothed) {train['accuracy']:.3f}; test filtered {test['accuracy']:.3f},"
+            f" smoothed {test['smoothed_accuracy']:.3f}, viterbi {test['viterbi_accuracy']:.3f}",
+            f"oracle (supervised Gaussian HMM): test filtered {test['oracle_accuracy']:.3f},"
+            f" smoothed {test['oracle_smoothed_accuracy']:.3f}",
+        ]
+        recall = ", ".join(f"{n} {'-' if v is None else f'{v:.2f}'}" for n, v in test["recall"].items())
+        lines.append(f"test recall per regime: {recall}")
+    lines.append(f"regimes: {', '.join(metrics['regime_names'])}; ambiguous test steps {test['ambiguous_fraction']:.1%}")
+    lines.append(f"outputs in {output_dir}: {MODEL_FILE}, {DASHBOARD_FILE}, {METRICS_FILE}, config.yaml")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,159 @@
+"""Typed schemas of the Hydra configuration (conf/), registered in Hydra's ConfigStore.
+
+Every group file names its schema in its defaults list, so a key that is not declared
+here, or a value of the wrong type, fails at composition time, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+FEATURE_NAMES = ["LM", "SR", "Abs", "RoC", "RoC2", "P", "T", "Vol", "RPN", "Delta"]
+
+
+@dataclass
+class FeaturesConfig:
+    """Causal feature processing, then a Standardizer fitted on training rows only."""
+
+    log_return: list[str] = field(default_factory=lambda: ["P"])
+    log1p: list[str] = field(default_factory=list)
+    ewma_spans: dict[str, float] = field(default_factory=lambda: {"Delta": 6.0})
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The simulated market of DATA.md."""
+
+    kind: str = "synthetic"
+    num_steps: int = 1000
+    train_fraction: float = 0.8
+    persistence: float = 0.85
+    frequencies: list[float] = field(default_factory=lambda: [0.30, 0.20, 0.25, 0.10, 0.10, 0.05])
+    start: str = "2023-01-01T00"
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+
+
+@dataclass
+class CsvDataConfig:
+    """A CSV file with one row per step (and optionally a column of true regime names)."""
+
+    kind: str = "csv"
+    path: str = MISSING
+    feature_columns: list[str] = field(default_factory=lambda: list(FEATURE_NAMES))
+    timestamp_column: Optional[str] = "timestamp"
+    regime_column: Optional[str] = None
+    regime_names: list[str] = field(default_factory=lambda: ["ST", "VT", "RC", "RHA", "HPEM", "AMB"])
+    train_fraction: float = 0.8
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+
+
+@dataclass
+class ModelConfig:
+    """ModelSpec fields (MODEL.md); features are named, the count comes from the data."""
+
+    num_regimes: int = 6
+    num_chains: int = 2
+    num_jump_states: int = 2
+    num_components: int = 2
+    leverage: str = "markov"
+    num_leverage_lags: int = 70
+    jump_mode: str = "markov"
+    tied_persistence: bool = True
+    gaussian: bool = False
+    driver: Optional[str] = "P"
+    scale_features: Optional[list[str]] = None
+    dof_bounds: list[float] = field(default_factory=lambda: [2.01, 100.0])
+
+
+@dataclass
+class TrainConfig:
+    """fit_em and init_model settings."""
+
+    max_iters: int = 50
+    tol: float = 1e-4
+    num_restarts: int = 1
+    init_seeds: int = 5
+    covariance_ridge: float = 1e-2
+    covariance_prior_count: float = 1e-2
+
+
+@dataclass
+class EvalConfig:
+    """Read-outs and outputs."""
+
+    ambiguity_threshold: float = 0.6
+    dashboard: bool = True
+
+
+@dataclass
+class IncrementalConfig:
+    """Retraining monitors and settings (fhmv_jax.incremental), and the replay of experiments/incremental.py."""
+
+    every: Optional[int] = 250
+    log_likelihood_drop: Optional[float] = 1.0
+    accuracy_drop: Optional[float] = 0.10
+    drift_psi: Optional[float] = 0.25
+    anomaly_z: Optional[float] = 4.0
+    recent: int = 250
+    max_iters: int = 15
+    tol: float = 1e-4
+    window: int = 2000
+    validation: int = 100
+    margin: float = 0.02
+    stream_steps: int = 2000
+    chunk: int = 50
+    shifted_frequencies: list[float] = field(default_factory=lambda: [0.10, 0.10, 0.10, 0.30, 0.30, 0.10])
+
+
+@dataclass
+class Config:
+    """The main job's configuration."""
+
+    seed: int = 42
+    data: Any = MISSING
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
+
+
+def register() -> None:
+    """Store the schemas under the names the group files' defaults lists use."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    store.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    store.store(group="data", name="csv_schema", node=CsvDataConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="train", name="train_schema", node=TrainConfig)
+
+
+_DATA_SCHEMAS = {"synthetic": SyntheticDataConfig, "csv": CsvDataConfig}
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check a composed config against the schemas, keys added with ``+`` included.
+
+    Returns:
+        The config merged into its typed schema (read-only).
+
+    Raises:
+        ValueError: an unknown key, a wrong type or a missing required value, named.
+    """
+    kind = cfg.get("data", {}).get("kind")
+    if kind not in _DATA_SCHEMAS:
+        raise ValueError(f"data.kind must be one of {sorted(_DATA_SCHEMAS)}, got {kind!r}")
+    schema = OmegaConf.structured(Config)
+    schema.data = OmegaConf.structured(_DATA_SCHEMAS[kind])
+    OmegaConf.set_struct(schema, True)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.to_container(cfg))
+        OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid configuration: {error}") from None
+    OmegaConf.set_readonly(merged, True)
+    return merged

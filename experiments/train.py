@@ -1,0 +1,37 @@
+"""The main job: simulate a market, fit the FHMV model, evaluate, draw, save, reload, predict.
+
+    python experiments/train.py                                # defaults: 1000 steps, seed 42
+    python experiments/train.py data.num_steps=5000 seed=7     # any key of conf/ can be overridden
+    python experiments/train.py experiment=long                # an experiment file (conf/experiment/)
+    python experiments/train.py -m model.num_components=1,2    # a multirun sweep
+
+Outputs go to the Hydra run directory (outputs/<date>/<time>/): fhmv_model.fhmv,
+fhmv_training_results.png, metrics.json, config.yaml (and Hydra's .hydra/).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import pipeline
+import schema
+
+schema.register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        cfg = schema.validate(cfg)
+        pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

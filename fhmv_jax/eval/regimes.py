@@ -1,0 +1,125 @@
+"""Naming fitted regimes: Hungarian matching to labels or to a reference model.
+
+A fitted model's G regimes are unlabelled (any permutation fits equally well). Accuracy is
+only meaningful after an alignment, and that alignment must be fitted on training data
+only. ``RegimeAlignment.mapping[g]`` is the reference label given to fitted regime g.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import equinox as eqx
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from ..model.fhmv import FHMV
+
+
+class RegimeAlignment(NamedTuple):
+    """A one-to-one naming of fitted regimes.
+
+    Attributes:
+        mapping: [G] reference label index of each fitted regime.
+        names: [G] the reference name of each fitted regime.
+    """
+
+    mapping: np.ndarray
+    names: tuple[str, ...]
+
+    def relabel(self, fitted_regimes) -> np.ndarray:
+        """Fitted regime indices (any shape) -> reference label indices."""
+        return self.mapping[np.asarray(fitted_regimes)]
+
+    def reorder(self, probabilities) -> np.ndarray:
+        """[..., G] probabilities over fitted regimes -> [..., G] over reference labels."""
+        probabilities = np.asarray(probabilities)
+        out = np.zeros_like(probabilities)
+        out[..., self.mapping] = probabilities
+        return out
+
+
+def confusion_matrix(true_labels, predicted, num_true: int, num_predicted: int | None = None) -> np.ndarray:
+    """[num_true, num_predicted] counts of (true label, predicted label) pairs."""
+    true_labels, predicted = np.asarray(true_labels).ravel(), np.asarray(predicted).ravel()
+    if true_labels.shape != predicted.shape:
+        raise ValueError(f"labels and predictions differ in length: {true_labels.size} vs {predicted.size}")
+    num_predicted = num_true if num_predicted is None else num_predicted
+    for name, values, size in (("true labels", true_labels, num_true), ("predictions", predicted, num_predicted)):
+        if values.size and (values.min() < 0 or values.max() >= size):
+            raise ValueError(f"{name} must lie in [0, {size}), got range [{values.min()}, {values.max()}]")
+    counts = np.zeros((num_true, num_predicted), dtype=np.int64)
+    np.add.at(counts, (true_labels, predicted), 1)
+    return counts
+
+
+def _assignment(score: np.ndarray) -> np.ndarray:
+    """mapping[g] = reference index maximising the total score[g, mapping[g]] (one to one)."""
+    num_fitted, num_reference = score.shape
+    if num_fitted > num_reference:
+        raise ValueError(f"cannot name {num_fitted} fitted regimes with only {num_reference} reference names")
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    mapping = np.empty(num_fitted, dtype=np.int64)
+    mapping[rows] = cols
+    return mapping
+
+
+def _named(mapping: np.ndarray, names: Sequence[str] | None, num_reference: int) -> RegimeAlignment:
+    names = tuple(f"R{i}" for i in range(num_reference)) if names is None else tuple(names)
+    if len(names) != num_reference:
+        raise ValueError(f"got {len(names)} regime names for {num_reference} reference regimes")
+    return RegimeAlignment(mapping, tuple(names[m] for m in mapping))
+
+
+def align_to_labels(
+    true_labels, fitted_regimes, num_fitted: int, names: Sequence[str] | None = None, num_labels: int | None = None
+) -> RegimeAlignment:
+    """Hungarian matching that maximises agreement between fitted regimes and true labels.
+
+    Args:
+        true_labels: [T] reference labels (training rows only).
+        fitted_regimes: [T] the fitted model's regime per step (e.g. smoothed argmax).
+        num_fitted: G of the fitted model.
+        names: one name per reference label.
+        num_labels: number of reference labels (default ``len(names)`` or ``num_fitted``).
+    """
+    num_labels = num_labels or (len(names) if names is not None else num_fitted)
+    counts = confusion_matrix(true_labels, fitted_regimes, num_labels, num_fitted)
+    return _named(_assignment(counts.T.astype(float)), names, num_labels)
+
+
+def align_to_reference(fitted_probs, reference_probs, names: Sequence[str]) -> RegimeAlignment:
+    """Match a fitted model's regimes to a reference model's on the same data.
+
+    The score of (fitted g, reference r) is sum_t P_fit(R_t = g) P_ref(R_t = r): the expected
+    number of steps both models give to that pair. Used to keep regime names stable when a
+    model is refitted (the raw order of a refit's regimes is arbitrary).
+
+    Args:
+        fitted_probs: [T, G] the new model's regime probabilities.
+        reference_probs: [T, G_ref] the reference model's, already in reference-name order.
+        names: [G_ref] reference names.
+    """
+    fitted_probs, reference_probs = np.asarray(fitted_probs), np.asarray(reference_probs)
+    if fitted_probs.shape[0] != reference_probs.shape[0]:
+        raise ValueError(f"probabilities cover {fitted_probs.shape[0]} vs {reference_probs.shape[0]} steps")
+    return _named(_assignment(fitted_probs.T @ reference_probs), names, reference_probs.shape[1])
+
+
+def reorder_regimes(model: FHMV, order) -> FHMV:
+    """The same model with regime ``i`` being the old regime ``order[i]`` (likelihoods unchanged).
+
+    Used to put a refitted model's regimes in a reference order before it is named, so
+    regime names stay attached to the same market behaviour across refits.
+    """
+    params = model.params
+    order = np.asarray(order)
+    if sorted(order.tolist()) != list(range(params.means.shape[0])):
+        raise ValueError(f"order must be a permutation of the {params.means.shape[0]} regimes, got {order.tolist()}")
+    fields = ("initial_logits", "log_weights", "means", "chol_raw", "dof_raw")
+    present = [name for name in fields if getattr(params, name) is not None]
+    reordered = [getattr(params, name)[order] for name in present]
+    params = eqx.tree_at(lambda p: [getattr(p, name) for name in present], params, reordered)
+    params = eqx.tree_at(lambda p: p.transition_logits, params, params.transition_logits[order][:, order])
+    return type(model)(model.spec, params)

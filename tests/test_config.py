@@ -1,0 +1,93 @@
+"""Every Hydra config composes and validates; wrong keys and types fail clearly."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+import pipeline
+import schema
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("data", "model", "train")}
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+REQUIRED = {"csv": ["data.path=market.csv"]}
+
+schema.register()
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_groups_and_experiments_exist():
+    assert GROUP_OPTIONS == {"data": ["csv", "synthetic"], "model": ["fhmv", "gmm_hmm"], "train": ["em", "quick"]}
+    assert {"long", "tiny", "gmm_baseline"} <= set(EXPERIMENTS)
+
+
+def test_defaults_match_the_documented_values():
+    cfg = schema.validate(_compose([]))
+    assert cfg.seed == 42 and cfg.data.kind == "synthetic" and cfg.data.num_steps == 1000
+    assert cfg.data.train_fraction == 0.8 and cfg.model.num_components == 2
+    assert cfg.train.max_iters == 50 and cfg.train.tol == 1e-4
+    spec = pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
+    assert spec.num_states == 96 and spec.driver_feature == schema.FEATURE_NAMES.index("P")
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUP_OPTIONS.items() for o in options])
+def test_every_group_option_composes_into_a_spec(group, option):
+    cfg = schema.validate(_compose([f"{group}={option}", *REQUIRED.get(option, [])]))
+    assert cfg[group] is not None
+    spec = pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
+    assert spec.num_features == len(schema.FEATURE_NAMES)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    base = schema.validate(_compose([]))
+    cfg = schema.validate(_compose([f"experiment={experiment}"]))
+    assert cfg != base, "an experiment file must override something"
+    pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
+
+
+def test_experiment_files_only_state_overrides():
+    for experiment in EXPERIMENTS:
+        assert (CONF / "experiment" / f"{experiment}.yaml").read_text().startswith("# @package _global_")
+
+
+@pytest.mark.parametrize("override", ["data.foo=1", "train.max_iter=3", "model=nope", "train.max_iters=abc"])
+def test_wrong_keys_and_types_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose([override])
+
+
+@pytest.mark.parametrize(
+    "override,message", [("+bogus=1", "Key 'bogus' not in 'Config'"), ("+data.foo=1", "Key 'foo' not in")]
+)
+def test_appended_unknown_keys_fail_validation(override, message):
+    with pytest.raises(ValueError, match=message):
+        schema.validate(_compose([override]))
+
+
+def test_missing_required_value_is_named():
+    with pytest.raises(ValueError, match="data.path"):
+        schema.validate(_compose(["data=csv"]))
+
+
+def test_bad_model_values_are_named():
+    cfg = schema.validate(_compose(["model.driver=Price"]))
+    with pytest.raises(ValueError, match="'Price'"):
+        pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
+    cfg = schema.validate(_compose(["model.leverage=sideways"]))
+    with pytest.raises(ValueError, match="leverage"):
+        pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
+
+
+def test_split_rows_checks_both_parts():
+    assert pipeline.split_rows(1000, 0.8, 12) == 800
+    with pytest.raises(ValueError, match="train_fraction"):
+        pipeline.split_rows(1000, 1.0, 12)
+    with pytest.raises(ValueError, match="each part needs at least 12"):
+        pipeline.split_rows(50, 0.9, 12)
