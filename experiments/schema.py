@@ -95,9 +95,9 @@ class IncrementalConfig:
     """Retraining monitors and settings (fhmv_jax.incremental), and the replay of experiments/incremental.py."""
 
     every: Optional[int] = 250
-    log_likelihood_drop: Optional[float] = 1.0
+    log_likelihood_drop: Optional[float] = 2.0
     accuracy_drop: Optional[float] = 0.10
-    drift_psi: Optional[float] = 0.25
+    drift_psi: Optional[float] = 0.5
     anomaly_z: Optional[float] = 4.0
     recent: int = 250
     max_iters: int = 15

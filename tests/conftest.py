@@ -33,3 +33,11 @@ TINY_SPECS = {
         jump_mode="iid", tied_persistence=False,
     ),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop each module's compiled executables: hundreds of specs and shapes otherwise exhaust
+    the process's memory maps (LLVM then fails with "Cannot allocate memory")."""
+    yield
+    jax.clear_caches()

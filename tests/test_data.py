@@ -1,5 +1,7 @@
 """The simulated market, feature transforms, the Standardizer and the CSV loader."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from fhmv_jax.data import (
     DEFAULT_FREQUENCIES,
     FEATURE_NAMES,
     REGIME_NAMES,
+    FeatureCarry,
     FeatureTransform,
     Standardizer,
     ewma,
@@ -16,9 +19,25 @@ from fhmv_jax.data import (
     regime_transition_matrix,
     simulate_market,
 )
-from fhmv_jax.data.synthetic import TABLE
 
 COL = {name: d for d, name in enumerate(FEATURE_NAMES)}
+
+# DATA.md's table, transcribed independently of the simulator, one entry per regime (ST, VT, RC, RHA, HPEM, AMB):
+# LM and SR exponential means; Abs, RoC, RoC2 and the price step g normal (mean, sd) (RC's g: the range rule);
+# T = k g + N(0, sd) as (k, sd); Vol Gamma (shape, scale); RPN (mean if g > 0, mean otherwise, sd);
+# Delta = k g + N(mean, sd) as (k, mean, sd).
+DATA_MD = {
+    "LM": (0.5, 1.5, 0.8, 2.0, 3.0, 1.0),
+    "SR": (0.3, 1.0, 0.6, 1.5, 2.5, 0.8),
+    "Abs": ((1, 0.2), (0.7, 0.3), (1.2, 0.4), (2.5, 0.5), (0.3, 0.15), (1, 0.5)),
+    "RoC": ((0, 0.1), (0, 0.3), (0, 0.15), (0.5, 0.3), (1, 0.4), (0, 0.2)),
+    "RoC2": ((0, 0.05), (0, 0.2), (0, 0.1), (-0.2, 0.2), (0.5, 0.3), (0, 0.15)),
+    "g": ((0.02, 0.01), (0, 0.03), None, (-0.02, 0.01), (0.05, 0.02), (0, 0.02)),
+    "T": ((10, 0), (15, 0), (0, 0.005), (12, 0), (20, 0), (0, 0.01)),
+    "Vol": ((2, 0.1), (3, 0.2), (2.5, 0.15), (4, 0.2), (5, 0.3), (2.5, 0.15)),
+    "RPN": ((0.45, 0.55, 0.05), (0.3, 0.7, 0.1), (0.5, 0.5, 0.08), (0.7, 0.7, 0.1), (0.1, 0.9, 0.05), (0.5, 0.5, 0.1)),
+    "Delta": ((100, 0, 10), (150, 0, 30), (0, 0, 15), (0, -50, 25), (200, 0, 40), (0, 0, 20)),
+}
 
 
 STEPS, SERIES = 5000, 40
@@ -106,28 +125,29 @@ def test_per_regime_draws_match_the_table(market):
     regimes = market.regimes[:, 1:]
     x = market.features[:, 1:]
     g_hat = _realised_steps(market)
-    vol = _differenced(market.features[..., COL["Vol"]])
+    smoothed_vol = _differenced(market.features[..., COL["Vol"]])
     for g, name in enumerate(REGIME_NAMES):
+        lm, sr, absorption, roc, roc2, step, trend, vol, delta = (
+            DATA_MD[c][g] for c in ("LM", "SR", "Abs", "RoC", "RoC2", "g", "T", "Vol", "Delta")
+        )
         at = regimes == g
         rows = x[at]
-        _assert_mean(rows[:, COL["LM"]], TABLE.lm_mean[g], TABLE.lm_mean[g], f"LM {name}")
-        _assert_mean(rows[:, COL["SR"]], TABLE.sr_mean[g], TABLE.sr_mean[g], f"SR {name}")
-        _assert_mean(rows[:, COL["RoC"]], TABLE.roc_mean[g], TABLE.roc_sd[g], f"RoC {name}")
-        _assert_mean(rows[:, COL["RoC2"]], TABLE.roc2_mean[g], TABLE.roc2_sd[g], f"RoC2 {name}")
-        vol_mean, vol_sd = TABLE.vol_shape[g] * TABLE.vol_scale[g], np.sqrt(TABLE.vol_shape[g]) * TABLE.vol_scale[g]
-        _assert_mean(vol[at], vol_mean, vol_sd, f"Vol {name}")
+        _assert_mean(rows[:, COL["LM"]], lm, lm, f"LM {name}")
+        _assert_mean(rows[:, COL["SR"]], sr, sr, f"SR {name}")
+        _assert_mean(rows[:, COL["RoC"]], *roc, f"RoC {name}")
+        _assert_mean(rows[:, COL["RoC2"]], *roc2, f"RoC2 {name}")
+        _assert_mean(smoothed_vol[at], vol[0] * vol[1], np.sqrt(vol[0]) * vol[1], f"Vol {name}")
         # Abs is shifted by -0.3 Vol after Vol's smoothing
-        _assert_mean(rows[:, COL["Abs"]] + 0.3 * rows[:, COL["Vol"]], TABLE.abs_mean[g], TABLE.abs_sd[g], f"Abs {name}")
-        delta = rows[:, COL["Delta"]] - TABLE.delta_per_step[g] * g_hat[at]
-        _assert_mean(delta, TABLE.delta_mean[g], TABLE.delta_sd[g], f"Delta {name}")
-        assert abs(delta.std() / TABLE.delta_sd[g] - 1) < 0.05
-        trend = rows[:, COL["T"]] - TABLE.trend_per_step[g] * g_hat[at]
-        _assert_mean(trend, 0.0, TABLE.trend_sd[g] + 0.01, f"T {name}")
-        assert trend.std() < TABLE.trend_sd[g] + 0.02
-        if name != "RC":
-            step = g_hat[at]
-            _assert_mean(step, TABLE.step_mean[g], TABLE.step_sd[g], f"price step {name}")
-            assert abs(step.std() - TABLE.step_sd[g]) < 0.001
+        _assert_mean(rows[:, COL["Abs"]] + 0.3 * rows[:, COL["Vol"]], *absorption, f"Abs {name}")
+        residual = rows[:, COL["Delta"]] - delta[0] * g_hat[at]
+        _assert_mean(residual, delta[1], delta[2], f"Delta {name}")
+        assert abs(residual.std() / delta[2] - 1) < 0.05
+        residual = rows[:, COL["T"]] - trend[0] * g_hat[at]
+        _assert_mean(residual, 0.0, trend[1] + 0.01, f"T {name}")
+        assert residual.std() < trend[1] + 0.02
+        if step is not None:
+            _assert_mean(g_hat[at], *step, f"price step {name}")
+            assert abs(g_hat[at].std() - step[1]) < 0.001
 
 
 def test_liquidation_dominance_follows_the_table(market):
@@ -140,8 +160,9 @@ def test_liquidation_dominance_follows_the_table(market):
     draws = _differenced(rpn)
     for name in ("ST", "VT", "RC", "RHA", "AMB"):
         g = REGIME_NAMES.index(name)
-        for direction, expected in ((up, TABLE.rpn_up[g]), (~up, TABLE.rpn_down[g])):
-            _assert_mean(draws[(regimes == g) & direction & unclipped], expected, TABLE.rpn_sd[g], f"RPN {name}")
+        mean_up, mean_down, sd = DATA_MD["RPN"][g]
+        for direction, expected in ((up, mean_up), (~up, mean_down)):
+            _assert_mean(draws[(regimes == g) & direction & unclipped], expected, sd, f"RPN {name}")
 
 
 def test_range_regime_price_stays_in_a_band_around_its_entry_price(market):
@@ -174,16 +195,26 @@ def test_bad_simulator_arguments_raise(kwargs, message):
         simulate_market(jax.random.key(0), **arguments)
 
 
+def _ewma_loop(values: np.ndarray, span: float) -> np.ndarray:
+    """The EWMA recursion written out step by step, E_0 = v_0."""
+    a, out = 2 / (span + 1), np.empty(len(values))
+    out[0] = values[0]
+    for t in range(1, len(values)):
+        out[t] = a * values[t] + (1 - a) * out[t - 1]
+    return out
+
+
 def test_log_returns_and_ewma_against_references(rng):
     prices = np.exp(np.cumsum(rng.normal(0, 0.01, 50))) * 100
     np.testing.assert_allclose(log_returns(prices), np.diff(np.log(prices)), rtol=1e-13)
     np.testing.assert_allclose(log_returns(prices[1:], prices[0]), np.diff(np.log(prices)), rtol=1e-13)
-    values, span = rng.normal(size=40), 6.0
-    a, expected = 2 / (span + 1), np.empty(40)
-    expected[0] = values[0]
-    for t in range(1, 40):
-        expected[t] = a * values[t] + (1 - a) * expected[t - 1]
-    np.testing.assert_allclose(ewma(values, span), expected, rtol=1e-13)
+    values = rng.normal(size=(40, 3))
+    for span in (1.0, 6.0, 24.0):
+        expected = np.stack([_ewma_loop(values[:, j], span) for j in range(3)], axis=1)
+        np.testing.assert_allclose(ewma(values, span), expected, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(ewma(values.T, span, axis=1), expected.T, rtol=1e-12, atol=1e-14)
+    head = ewma(values[:25], 6.0)
+    np.testing.assert_allclose(ewma(values[25:], 6.0, initial=head[-1]), ewma(values, 6.0)[25:], rtol=1e-12)
     with pytest.raises(ValueError, match="positive prices"):
         log_returns(np.array([1.0, 0.0]))
     with pytest.raises(ValueError, match="span"):
@@ -194,16 +225,37 @@ def test_feature_transform_is_causal_drops_one_row_and_continues_with_its_carry(
     raw = simulate_market(jax.random.key(5), SMALL).features
     transform = FeatureTransform(FEATURE_NAMES, log1p=("LM",))
     full = transform.apply(raw)
-    assert full.features.shape == (199, 10)
+    assert full.features.shape == (SMALL - 1, 10)
     np.testing.assert_allclose(full.features[:, COL["P"]], np.diff(np.log(raw[:, COL["P"]])), rtol=1e-13)
+    np.testing.assert_allclose(full.features[:, COL["LM"]], np.log1p(raw[1:, COL["LM"]]), rtol=1e-13)
+    np.testing.assert_allclose(full.features[:, COL["Delta"]], _ewma_loop(raw[1:, COL["Delta"]], 6.0), rtol=1e-12)
+    untouched = [COL[n] for n in FEATURE_NAMES if n not in ("P", "LM", "Delta")]
+    np.testing.assert_array_equal(full.features[:, untouched], raw[1:, untouched])
     changed = raw.copy()
     changed[150:] += 1.0
-    np.testing.assert_array_equal(transform.apply(changed).features[:149], full.features[:149])
+    moved = transform.apply(changed).features
+    np.testing.assert_array_equal(moved[:149], full.features[:149])
+    assert np.all(moved[149] != full.features[149])
     head = transform.apply(raw[:101])
     tail = transform.apply(raw[101:], head.carry)
     np.testing.assert_allclose(np.concatenate([head.features, tail.features]), full.features, rtol=1e-12, atol=1e-13)
-    again = FeatureTransform.from_dict(transform.to_dict())
-    assert again == transform
+    assert FeatureTransform.from_dict(transform.to_dict()) == transform
+    with pytest.raises(ValueError, match="carry shapes"):
+        transform.apply(raw, FeatureCarry(raw[-1, :9], head.carry.ewma))
+
+
+def test_feature_transform_of_a_batch_equals_each_series(market):
+    transform = FeatureTransform(FEATURE_NAMES, log1p=("LM", "SR"), ewma_spans=(("Delta", 6.0), ("RoC", 3.0)))
+    raw = market.features[:3, :300]
+    batch = transform.apply(raw)
+    assert batch.features.shape == (3, 299, 10)
+    for b in range(3):
+        single = transform.apply(raw[b])
+        np.testing.assert_array_equal(batch.features[b], single.features)
+        np.testing.assert_array_equal(batch.carry.last_raw[b], single.carry.last_raw)
+        np.testing.assert_array_equal(batch.carry.ewma[b], single.carry.ewma)
+    more = transform.apply(market.features[:3, 300:400], batch.carry)
+    np.testing.assert_allclose(more.features, transform.apply(market.features[:3, :400]).features[:, 299:], rtol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -212,6 +264,7 @@ def test_feature_transform_is_causal_drops_one_row_and_continues_with_its_carry(
         ({"log_return": ("Price",)}, "unknown feature"),
         ({"ewma_spans": (("Delta", 0.0),)}, "span"),
         ({"log1p": ("RoC",)}, "log1p"),
+        ({"log1p": ("P",)}, "both log_return and log1p"),
     ],
 )
 def test_feature_transform_bad_settings_raise(settings, message):
@@ -237,16 +290,27 @@ def test_standardizer_uses_training_rows_only(rng):
     train = rng.normal(1.0, 2.0, size=(500, 3))
     test = rng.normal(5.0, 1.0, size=(100, 3))
     fitted = Standardizer.fit(train)
-    np.testing.assert_allclose(fitted.mean, train.mean(0))
-    np.testing.assert_allclose(fitted.scale, train.std(0))
-    refit = Standardizer.fit(np.concatenate([train, test])[:500])
-    np.testing.assert_array_equal(refit.mean, fitted.mean)
+    np.testing.assert_allclose(fitted.mean, train.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(fitted.scale, train.std(0), rtol=1e-13)
+    y, mask = np.concatenate([train, test]), np.arange(600) < 500
+    masked = Standardizer.fit(y, mask)
+    np.testing.assert_array_equal(masked.mean, fitted.mean)
+    np.testing.assert_array_equal(masked.scale, fitted.scale)
+    extreme = y.copy()
+    extreme[500:] = 1e6
+    extreme[550] = np.nan
+    leaked = Standardizer.fit(extreme, mask)
+    np.testing.assert_array_equal(leaked.mean, fitted.mean)
+    np.testing.assert_array_equal(leaked.scale, fitted.scale)
     z = fitted.transform(test)
     assert np.all(z.mean(0) > 1.5), "test rows keep their shift under the training statistics"
     np.testing.assert_allclose(fitted.inverse_transform(fitted.transform(test)), test, rtol=1e-13)
-    again = Standardizer.from_dict(fitted.to_dict())
+    again = Standardizer.from_dict(json.loads(json.dumps(fitted.to_dict())))
     np.testing.assert_array_equal(again.mean, fitted.mean)
     np.testing.assert_array_equal(again.scale, fitted.scale)
+    series = np.stack([y, y + 1.0])
+    batch_mask = np.stack([mask, np.zeros(600, bool)])
+    np.testing.assert_array_equal(Standardizer.fit(series, batch_mask).mean, fitted.mean)
 
 
 def test_standardizer_errors_name_the_problem(rng):
@@ -257,14 +321,24 @@ def test_standardizer_errors_name_the_problem(rng):
         Standardizer.fit(constant, feature_names=("LM", "SR", "Abs"))
     bad = y.copy()
     bad[4, 2] = np.inf
-    with pytest.raises(ValueError, match="1 row.*: 4"):
+    with pytest.raises(ValueError, match=r"1 row\(s\): 4 \(columns \[2\]\)"):
         Standardizer.fit(bad)
-    with pytest.raises(ValueError, match="at least 2 rows"):
+    with pytest.raises(ValueError, match=r"1 row\(s\): \(1, 4\)"):
+        Standardizer.fit(np.stack([y, bad]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        Standardizer.fit(y).transform(bad)
+    with pytest.raises(ValueError, match="at least 2 training rows"):
         Standardizer.fit(y[:1])
+    with pytest.raises(ValueError, match="at least 2 training rows"):
+        Standardizer.fit(y, np.arange(50) == 3)
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        Standardizer.fit(y, np.ones(49, bool))
     with pytest.raises(ValueError, match="2 features but"):
         Standardizer.fit(y).transform(y[:, :2])
     with pytest.raises(ValueError, match="positive"):
         Standardizer.from_dict({"mean": [0.0], "scale": [0.0]})
+    with pytest.raises(ValueError, match="inconsistent"):
+        Standardizer.from_dict({"mean": [0.0, 1.0], "scale": [1.0]})
 
 
 def test_csv_round_trip_and_errors(tmp_path):
@@ -288,3 +362,8 @@ def test_csv_round_trip_and_errors(tmp_path):
         load_csv(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="no such data file"):
         load_csv(tmp_path / "missing.csv")
+    (tmp_path / "short.csv").write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(ValueError, match="1 data row"):
+        load_csv(tmp_path / "short.csv")
+    with pytest.raises(ValueError, match=r"unknown regime name\(s\) \['ST'"):
+        load_csv(path, regime_column="regime", regime_names=("VT", "RC", "RHA", "HPEM", "AMB"))

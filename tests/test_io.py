@@ -155,16 +155,6 @@ def test_float32_model_stays_float32(tmp_path, model):
     _assert_same_leaves(loaded, small)
 
 
-def test_float64_file_is_refused_when_jax_float64_is_off(tmp_path, model):
-    fhmv_jax.save(tmp_path / "m64.fhmv", model)
-    fhmv_jax.save(tmp_path / "m32.fhmv", model.astype(jnp.float32))
-    with jax.enable_x64(False):
-        with pytest.raises(io.ModelFileError, match="float64 but JAX float64 is disabled"):
-            fhmv_jax.load(tmp_path / "m64.fhmv")
-        loaded = fhmv_jax.load(tmp_path / "m32.fhmv").model
-    _assert_same_leaves(loaded, model.astype(jnp.float32))
-
-
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [

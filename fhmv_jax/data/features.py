@@ -115,11 +115,14 @@ class FeatureTransform(NamedTuple):
         return [self.feature_names.index(n) for n in names]
 
     def validate(self) -> FeatureTransform:
-        """Raise ValueError on unknown names, duplicates or spans below one step."""
+        """Raise ValueError on unknown or duplicate names, two transforms of a column, spans below one step."""
         if len(set(self.feature_names)) != len(self.feature_names):
             raise ValueError(f"feature names must be unique, got {list(self.feature_names)}")
         self._columns(self.log_return, "log_return")
         self._columns(self.log1p, "log1p")
+        both = sorted(set(self.log_return) & set(self.log1p))
+        if both:
+            raise ValueError(f"features {both} are in both log_return and log1p; choose one transform per column")
         self._columns([n for n, _ in self.ewma_spans], "ewma_spans")
         for name, span in self.ewma_spans:
             if not span >= 1:

@@ -1,0 +1,91 @@
+"""The main job end to end (tiny overrides), quick_test, and a Hydra multirun."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import fhmv_jax
+import pipeline
+import schema
+from fhmv_jax.predict import predict_raw, predict_regimes
+
+ROOT = Path(__file__).resolve().parent.parent
+schema.register()
+
+
+def _config(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return schema.validate(compose("config", overrides=["experiment=tiny", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("run")
+    cfg = _config([])
+    return cfg, directory, pipeline.run(cfg, directory)
+
+
+def test_job_writes_every_output_with_the_documented_metrics(job):
+    _, directory, metrics = job
+    for name in ("fhmv_model.fhmv", "fhmv_training_results.png", "metrics.json", "config.yaml"):
+        assert (directory / name).is_file(), name
+    written = json.loads((directory / "metrics.json").read_text())
+    for key in ("log_likelihoods", "converged", "num_iters", "fit_seconds"):
+        assert key in written
+    for key in ("accuracy", "log_likelihood_per_step", "oracle_accuracy", "confusion_matrix", "precision", "recall"):
+        assert key in written["test"]
+    assert "accuracy" in written["train"]
+    assert np.all(np.diff(written["log_likelihoods"]) >= -1e-6)
+    assert written["incremental"]["decision"] in ("deployed", "rejected")
+    assert (directory / "registry" / "v0001.fhmv").is_file()
+
+
+def test_reloaded_model_predicts_exactly_what_the_trained_one_did(job):
+    import jax
+
+    cfg, directory, _ = job
+    saved = fhmv_jax.load(directory / "fhmv_model.fhmv")
+    key_data = jax.random.split(jax.random.key(cfg.seed), 3)[0]
+    data = pipeline.load_dataset(cfg, key_data)
+    num_train = saved.metadata["training"]["num_steps"]
+    standardizer = fhmv_jax.Standardizer.from_dict(saved.metadata["standardizer"])
+    y_test = standardizer.transform(data.features[num_train:])
+    from_raw = predict_raw(saved, data.raw[num_train + 1 :])
+    direct = predict_regimes(saved.model, y_test, regime_names=saved.metadata["regime_names"])
+    np.testing.assert_allclose(from_raw.probabilities, direct.probabilities, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(from_raw.names, direct.names)
+    pipeline.check_reload(saved, y_test, direct, from_raw)
+    tampered = direct._replace(probabilities=direct.probabilities[::-1])
+    with pytest.raises(RuntimeError, match="differ"):
+        pipeline.check_reload(saved, y_test, tampered, from_raw)
+
+
+def test_quick_test_script_passes():
+    result = subprocess.run([sys.executable, "experiments/quick_test.py"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "quick test passed" in result.stdout
+
+
+def test_train_entry_point_multirun(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "experiments/train.py", "-m", "experiment=tiny", "model=gmm_hmm", "model.num_components=1,2",
+         "eval.dashboard=false", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = [d for d in tmp_path.iterdir() if (d / "metrics.json").is_file()]
+    components = sorted(fhmv_jax.load(d / "fhmv_model.fhmv").model.spec.num_components for d in runs)
+    assert components == [1, 2]
+
+
+def test_train_entry_point_rejects_an_unknown_key(tmp_path):
+    result = subprocess.run([sys.executable, "experiments/train.py", "+bogus=1", f"hydra.run.dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Key 'bogus' not in 'Config'" in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
