@@ -82,41 +82,50 @@ def init_stream(model: FHMV) -> StreamState:
     )
 
 
-def _step(spec: ModelSpec, params: FHMVParams, natural: dict, state: StreamState, y_t: Array, x_t: Array | None):
-    """One filter step: condition ``state.predicted`` on y_t, then move it on to t + 1."""
-    log_scale = factors.log_volatility_scales(spec, natural)[None, :]
-    if spec.leverage == "predictable":
-        lag_weights = factors.leverage_lag_weights(natural["l1"], natural.get("theta_l"), spec.num_leverage_lags)
-        log_l = factors.log_leverage(lag_weights, state.recent_shocks)
-        log_scale = log_scale + log_l
-        shocks = factors.push_shock(state.recent_shocks, x_t, log_l)
-    else:
-        shocks = state.recent_shocks
-    log_b = emission_terms_at_scale(spec, params, natural, y_t[None], log_scale).log_emissions
-    scaled, shift = scaled_likelihoods(log_b.reshape((1,) + spec.state_shape))
-    joint = state.predicted * scaled[0]
-    normaliser = jnp.sum(joint)
-    filtered = joint / normaliser
-    log_normaliser = jnp.log(normaliser) + shift[0]
-    predicted = propagate(filtered, step_transitions(spec, natural, x_t))
-    new_state = StreamState(predicted, shocks, state.log_likelihood + log_normaliser, state.num_steps + 1)
-    regime_probs = jnp.sum(filtered, axis=tuple(range(1, filtered.ndim)))
-    return new_state, StreamOutput(regime_probs, filtered, log_normaliser)
+def _log_leverage_path(spec: ModelSpec, natural: dict, shocks: Array, x: Array) -> tuple[Array, Array]:
+    """log L_t for each step of a block from the carried shocks (a scan over x alone), and the shocks after it."""
+    lag_weights = factors.leverage_lag_weights(natural["l1"], natural.get("theta_l"), spec.num_leverage_lags)
 
+    def _shock_step(recent, x_t):
+        log_l = factors.log_leverage(lag_weights, recent)
+        return factors.push_shock(recent, x_t, log_l), log_l
 
-@functools.partial(jax.jit, static_argnums=0)
-def _stream_step(spec: ModelSpec, params: FHMVParams, state: StreamState, y_t: Array, x_t: Array | None):
-    return _step(spec, params, natural_parameters(spec, params), state, y_t, x_t)
+    return jax.lax.scan(_shock_step, shocks, x)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _stream_filter(spec: ModelSpec, params: FHMVParams, state: StreamState, y: Array, x: Array | None):
+    """Filter a block: emissions for every row at once (parameter work done once, outside any scan),
+    then a scan that only conditions and propagates the message."""
     natural = natural_parameters(spec, params)
+    log_scale = factors.log_volatility_scales(spec, natural)[None, :]
+    shocks = state.recent_shocks
+    if spec.leverage == "predictable":
+        shocks, log_l = _log_leverage_path(spec, natural, shocks, x)
+        log_scale = log_scale + log_l[:, None]
+    log_b = emission_terms_at_scale(spec, params, natural, y, log_scale).log_emissions
+    scaled, shift = scaled_likelihoods(log_b.reshape((y.shape[0],) + spec.state_shape))
 
-    def _scan_step(carry, inputs):
-        return _step(spec, params, natural, carry, *inputs)
+    def _filter_step(predicted, inputs):
+        b_t, shift_t, x_t = inputs
+        joint = predicted * b_t
+        normaliser = jnp.sum(joint)
+        filtered = joint / normaliser
+        return propagate(filtered, step_transitions(spec, natural, x_t)), (filtered, jnp.log(normaliser) + shift_t)
 
-    return jax.lax.scan(_scan_step, state, (y, x))
+    predicted, (filtered, log_normalisers) = jax.lax.scan(_filter_step, state.predicted, (scaled, shift, x))
+    regime_probs = jnp.sum(filtered, axis=tuple(range(2, filtered.ndim)))
+    new_state = StreamState(
+        predicted, shocks, state.log_likelihood + jnp.sum(log_normalisers), state.num_steps + y.shape[0]
+    )
+    return new_state, StreamOutput(regime_probs, filtered, log_normalisers)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stream_step(spec: ModelSpec, params: FHMVParams, state: StreamState, y_t: Array, x_t: Array | None):
+    """``_stream_filter`` on a block of one row, outputs without the block axis."""
+    new_state, out = _stream_filter(spec, params, state, y_t[None], None if x_t is None else x_t[None])
+    return new_state, jax.tree_util.tree_map(lambda a: a[0], out)
 
 
 def _check_state(model: FHMV, state: StreamState) -> None:
