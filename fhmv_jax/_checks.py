@@ -14,13 +14,15 @@ def _is_traced(value) -> bool:
 
 
 def _non_finite_rows(name: str, values: np.ndarray) -> None:
+    """Raise naming the rows holding NaN or inf: t for [T] or [T, D], (b, t) for [B, T, D]; and the columns."""
     bad = ~np.isfinite(values)
-    if bad.ndim > 1:
-        bad = bad.reshape(bad.shape[0], -1).any(axis=1)
-    rows = np.flatnonzero(bad)
-    if rows.size:
-        shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if rows.size > 5 else "")
-        raise ValueError(f"{name} has NaN or inf values in {rows.size} row(s): {shown}")
+    if not bad.any():
+        return
+    by_row = bad if bad.ndim == 1 else bad.any(axis=-1)
+    rows = [tuple(map(int, i)) if len(i) > 1 else int(i[0]) for i in np.argwhere(by_row)]
+    shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+    columns = "" if bad.ndim == 1 else f" (columns {np.flatnonzero(bad.reshape(-1, bad.shape[-1]).any(0)).tolist()})"
+    raise ValueError(f"{name} has NaN or inf values in {len(rows)} row(s): {shown}{columns}")
 
 
 def _check_feature_count(spec: ModelSpec, num_features: int) -> None:

@@ -3,8 +3,6 @@
 import hashlib
 import io as bytes_io
 import json
-import os
-import pickle
 import struct
 
 import equinox as eqx
@@ -236,12 +234,9 @@ def test_every_flipped_byte_is_detected(saved):
             fhmv_jax.load(path)
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
+def _mkdir_pickle(marker) -> bytes:
+    """A protocol-0 pickle stream that would call os.mkdir(marker) if it were ever unpickled."""
+    return b"cos\nmkdir\n(V" + str(marker).encode() + b"\ntR."
 
 
 def test_foreign_files_are_refused_without_executing_them(tmp_path):
@@ -252,7 +247,7 @@ def test_foreign_files_are_refused_without_executing_them(tmp_path):
         "empty.fhmv": (b"", "is empty"),
         "image.png": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "not an fhmv_jax model file"),
         "arrays.npz": (archive.getvalue(), "not an fhmv_jax model file"),
-        "model.pkl": (pickle.dumps(_Exploit(marker)), "not an fhmv_jax model file"),
+        "model.pkl": (_mkdir_pickle(marker), "not an fhmv_jax model file"),
         "text.fhmv": (b"FHMVJAX is a library", "not an fhmv_jax model file"),
     }
     for name, (data, message) in foreign.items():
