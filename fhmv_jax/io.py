@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .model.fhmv import FHMV
-from .model.params import FHMVParams
+from .model.params import FHMVParams, raw_shapes
 from .model.spec import ModelSpec
 
 MAGIC = b"FHMVJAX\x00"
@@ -66,38 +66,6 @@ class SavedModel(NamedTuple):
     metadata: dict
     library_version: str
     format_version: int
-
-
-def param_layout(spec: ModelSpec) -> dict[str, tuple[int, ...] | None]:
-    """The shape of every ``FHMVParams`` field a spec uses, ``None`` for the fields it does not use.
-
-    Args:
-        spec: the model spec.
-
-    Returns:
-        Field name -> shape (``None`` where the field must be ``None``), in field order.
-    """
-    G, K, D, N, M = spec.num_regimes, spec.num_components, spec.num_features, spec.num_chains, spec.num_jump_states
-    uses = {
-        "initial_logits": (G,),
-        "transition_logits": (G, G),
-        "log_weights": (G, K),
-        "means": (G, K, D),
-        "chol_raw": (G, K, D, D),
-        "dof_raw": None if spec.gaussian else (G, K),
-        "persistence_raw": ((1,) if spec.tied_persistence else (N,)) if N >= 1 else None,
-        "c1_raw": () if N >= 1 else None,
-        "theta_c_raw": () if N >= 2 else None,
-        "jump_q_raw": () if M >= 2 else None,
-        "jump_back_raw": () if M >= 2 and spec.jump_mode == "markov" else None,
-        "jump_phi_raw": () if M >= 2 and spec.jump_mode == "family" else None,
-        "m1_raw": () if M >= 2 else None,
-        "theta_m_raw": () if M >= 3 else None,
-        "l1_raw": () if spec.leverage != "none" else None,
-        "theta_l_raw": () if spec.leverage == "predictable" and spec.num_leverage_lags >= 2 else None,
-        "leverage_raw": (2, 2) if spec.leverage == "markov" else None,
-    }
-    return {f.name: uses[f.name] for f in dataclasses.fields(FHMVParams)}
 
 
 def _json_value(value: Any, where: str) -> Any:
@@ -322,7 +290,7 @@ def _read_array(name: str, entry: Any, shape: tuple[int, ...], payload: memoryvi
 def _read_params(header: dict, spec: ModelSpec, payload: memoryview, path) -> dict[str, np.ndarray | None]:
     """Every ``FHMVParams`` field, checked against the spec's layout."""
     entries = header.get("params")
-    layout = param_layout(spec)
+    layout = raw_shapes(spec)
     names = [e.get("name") if isinstance(e, dict) else None for e in entries] if isinstance(entries, list) else None
     if names is None or sorted(map(str, names)) != sorted(layout):
         raise ModelFileError(f"{path}: the parameter layout lists {names}, expected the fields {list(layout)}")

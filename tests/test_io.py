@@ -16,6 +16,7 @@ from helpers import random_natural
 import fhmv_jax
 from fhmv_jax import io
 from fhmv_jax.model.examples import example_model
+from fhmv_jax.model.params import raw_shapes
 
 EXTRA_SPECS = {
     "no-chains-driver": fhmv_jax.ModelSpec(
@@ -135,12 +136,12 @@ def test_file_layout_matches_the_documented_format(saved, model):
 def test_round_trip_for_every_spec_variant(tmp_path, name, rng):
     spec = {**TINY_SPECS, **EXTRA_SPECS}[name]
     model = fhmv_jax.FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
-    assert set(io.param_layout(spec)) == {f for f in model.params.__dataclass_fields__}
+    assert set(raw_shapes(spec)) == {f for f in model.params.__dataclass_fields__}
     fhmv_jax.save(tmp_path / "m.fhmv", model, spec_name=name)
     result = fhmv_jax.load(tmp_path / "m.fhmv")
     assert result.model.spec == spec and result.metadata == {"spec_name": name}
     _assert_same_leaves(result.model, model)
-    for field, shape in io.param_layout(spec).items():
+    for field, shape in raw_shapes(spec).items():
         value = getattr(model.params, field)
         assert (value is None) if shape is None else value.shape == shape
 

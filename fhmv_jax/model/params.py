@@ -6,6 +6,8 @@ real array is a valid model and gradient steps never leave the parameter space.
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,38 @@ class FHMVParams(eqx.Module):
     @property
     def dtype(self):
         return self.means.dtype
+
+
+def raw_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...] | None]:
+    """The shape of every ``FHMVParams`` field a spec uses, ``None`` for the fields it does not use.
+
+    Args:
+        spec: the model spec.
+
+    Returns:
+        Field name -> shape (``None`` where the field must be ``None``), in field order.
+    """
+    G, K, D, N, M = spec.num_regimes, spec.num_components, spec.num_features, spec.num_chains, spec.num_jump_states
+    uses = {
+        "initial_logits": (G,),
+        "transition_logits": (G, G),
+        "log_weights": (G, K),
+        "means": (G, K, D),
+        "chol_raw": (G, K, D, D),
+        "dof_raw": None if spec.gaussian else (G, K),
+        "persistence_raw": ((1,) if spec.tied_persistence else (N,)) if N >= 1 else None,
+        "c1_raw": () if N >= 1 else None,
+        "theta_c_raw": () if N >= 2 else None,
+        "jump_q_raw": () if M >= 2 else None,
+        "jump_back_raw": () if M >= 2 and spec.jump_mode == "markov" else None,
+        "jump_phi_raw": () if M >= 2 and spec.jump_mode == "family" else None,
+        "m1_raw": () if M >= 2 else None,
+        "theta_m_raw": () if M >= 3 else None,
+        "l1_raw": () if spec.leverage != "none" else None,
+        "theta_l_raw": () if spec.leverage == "predictable" and spec.num_leverage_lags >= 2 else None,
+        "leverage_raw": (2, 2) if spec.leverage == "markov" else None,
+    }
+    return {f.name: uses[f.name] for f in dataclasses.fields(FHMVParams)}
 
 
 def expected_keys(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
