@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import hydra
 import jax
 import numpy as np
+import pipeline
+import schema
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import pipeline
-import schema
-from fhmv_jax.data import Standardizer, simulate_market
+from fhmv_jax.data import FEATURE_NAMES, REGIME_NAMES, Standardizer, simulate_market
 from fhmv_jax.incremental import IncrementalTrainer, ModelRegistry
 
 schema.register()
@@ -43,22 +44,19 @@ def simulate_shifted_stream(cfg: DictConfig, key):
 def replay(cfg: DictConfig, output_dir) -> list[dict]:
     key_data, key_init, key_restarts = jax.random.split(jax.random.key(cfg.seed), 3)
     raw, regimes = simulate_shifted_stream(cfg, key_data)
-    transform = pipeline.feature_transform(cfg, pipeline.FEATURE_NAMES)
+    transform = pipeline.feature_transform(cfg, FEATURE_NAMES)
     features, labels = transform.apply(raw).features, regimes[1:]
     num_train = cfg.data.num_steps
     standardizer = Standardizer.fit(features[:num_train], feature_names=transform.feature_names)
     y = standardizer.transform(features)
     spec = pipeline.model_spec(cfg, transform.feature_names)
     fit = pipeline.fit_model(cfg, spec, y[:num_train], key_init, key_restarts)
-    from fhmv_jax.eval import align_to_labels
-
-    names = align_to_labels(labels[:num_train], np.asarray(fit.model.smooth(y[:num_train]).marginals.regime).argmax(-1),
-                            spec.num_regimes, names=pipeline.REGIME_NAMES).names
+    names = pipeline.name_regimes(fit.model, y[:num_train], labels[:num_train], REGIME_NAMES)[0].names
     registry = ModelRegistry(output_dir / "registry")
     registry.deploy(fit.model, regime_names=list(names), standardizer=standardizer.to_dict(),
                     feature_transform=transform.to_dict())
     triggers, retrain = pipeline.incremental_settings(cfg)
-    trainer = IncrementalTrainer(registry, y[:num_train], labels=labels[:num_train], label_names=pipeline.REGIME_NAMES,
+    trainer = IncrementalTrainer(registry, y[:num_train], labels=labels[:num_train], label_names=REGIME_NAMES,
                                  triggers=triggers, retrain=retrain)
     log, chunk, shift = [], cfg.incremental.chunk, num_train + cfg.incremental.stream_steps // 2
     for start in range(num_train, len(y), chunk):
@@ -83,8 +81,6 @@ def main(cfg: DictConfig) -> None:
         cfg = schema.validate(cfg)
         if cfg.data.kind != "synthetic":
             raise ValueError("experiments/incremental.py replays the simulated market: use data=synthetic")
-        from pathlib import Path
-
         replay(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

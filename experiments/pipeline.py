@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import fhmv_jax
-from fhmv_jax.data import FEATURE_NAMES, REGIME_NAMES, FeatureTransform, Standardizer, load_csv, simulate_market
+from fhmv_jax.data import FeatureTransform, Standardizer, load_csv, simulate_market
 from fhmv_jax.eval import align_to_labels, oracle_readout, regime_scores
 from fhmv_jax.incremental import IncrementalTrainer, ModelRegistry, RetrainSettings, TriggerSettings
 from fhmv_jax.predict import predict_raw, predict_regimes
@@ -173,6 +173,18 @@ def fit_model(cfg: DictConfig, spec: fhmv_jax.ModelSpec, y_train, key_init, key_
     )
 
 
+def name_regimes(model, y_train, labels_train, regime_names):
+    """Hungarian naming fitted on the smoothed training path (training rows only).
+
+    Returns:
+        (``RegimeAlignment``, or None without labels; [T] smoothed training regimes).
+    """
+    regimes = np.asarray(model.smooth(y_train).marginals.regime).argmax(-1)
+    if labels_train is None:
+        return None, regimes
+    return align_to_labels(labels_train, regimes, model.spec.num_regimes, names=regime_names), regimes
+
+
 def incremental_settings(cfg: DictConfig) -> tuple[TriggerSettings, RetrainSettings]:
     """The ``incremental`` config as the library's settings."""
     c = cfg.incremental
@@ -213,12 +225,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
     fit_seconds = time.perf_counter() - fit_start
     model = fit.model
 
-    train_smoothed = np.asarray(model.smooth(y_train).marginals.regime)
-    if data.labels is not None:
-        alignment = align_to_labels(data.labels[:num_train], train_smoothed.argmax(-1), spec.num_regimes,
-                                    names=data.regime_names)
-    else:
-        alignment = None
+    labels_train = None if data.labels is None else data.labels[:num_train]
+    alignment, train_regimes = name_regimes(model, y_train, labels_train, data.regime_names)
     names = alignment.names if alignment else tuple(f"R{g}" for g in range(spec.num_regimes))
 
     model_path = output_dir / MODEL_FILE
@@ -252,9 +260,9 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
                  "ambiguous_fraction": float(np.mean(prediction.ambiguous))},
     }
     if alignment is not None:
-        labels_train, labels_test = data.labels[:num_train], data.labels[num_train:]
+        labels_test = data.labels[num_train:]
         G_true = len(data.regime_names)
-        metrics["train"].update(regime_scores(labels_train, alignment.relabel(train_smoothed.argmax(-1)), G_true)
+        metrics["train"].update(regime_scores(labels_train, alignment.relabel(train_regimes), G_true)
                                 .to_dict(data.regime_names))
         test_filtered = regime_scores(labels_test, alignment.relabel(prediction.regimes), G_true)
         smoothed = predict_regimes(model, y_test, method="smooth").regimes
@@ -297,7 +305,7 @@ def update_cycle(cfg, output_dir: Path, model, metadata: dict, y_train, y_test, 
     registry.deploy(model, **metadata)
     triggers, retrain = incremental_settings(cfg)
     retrain = retrain._replace(validation=min(retrain.validation, len(y_test) // 2))
-    labels = None if data.labels is None else data.labels
+    labels = data.labels
     trainer = IncrementalTrainer(
         registry, y_train, labels=None if labels is None else labels[:num_train],
         label_names=data.regime_names, triggers=triggers, retrain=retrain,

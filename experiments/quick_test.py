@@ -14,10 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 import pipeline
 import schema
+from hydra import compose, initialize_config_dir
 
 import fhmv_jax
 

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-FEATURE_NAMES = ["LM", "SR", "Abs", "RoC", "RoC2", "P", "T", "Vol", "RPN", "Delta"]
+from fhmv_jax.data import DEFAULT_FREQUENCIES, FEATURE_NAMES, REGIME_NAMES
 
 
 @dataclass
@@ -33,7 +33,7 @@ class SyntheticDataConfig:
     num_steps: int = 1000
     train_fraction: float = 0.8
     persistence: float = 0.85
-    frequencies: list[float] = field(default_factory=lambda: [0.30, 0.20, 0.25, 0.10, 0.10, 0.05])
+    frequencies: list[float] = field(default_factory=lambda: list(DEFAULT_FREQUENCIES))
     start: str = "2023-01-01T00"
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
@@ -47,7 +47,7 @@ class CsvDataConfig:
     feature_columns: list[str] = field(default_factory=lambda: list(FEATURE_NAMES))
     timestamp_column: Optional[str] = "timestamp"
     regime_column: Optional[str] = None
-    regime_names: list[str] = field(default_factory=lambda: ["ST", "VT", "RC", "RHA", "HPEM", "AMB"])
+    regime_names: list[str] = field(default_factory=lambda: list(REGIME_NAMES))
     train_fraction: float = 0.8
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
 

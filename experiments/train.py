@@ -14,11 +14,10 @@ from __future__ import annotations
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
 import pipeline
 import schema
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
 schema.register()
 

@@ -264,15 +264,20 @@ class IncrementalTrainer:
             raise ValueError("labels need label_names and a model saved with regime_names")
         return np.array([self.label_names.index(n) for n in names])
 
-    def _accuracy(self, y, labels) -> float:
-        regimes = np.asarray(self.current.model.filter(y).marginals.regime).argmax(-1)
+    def _read(self, y) -> tuple[float, np.ndarray]:
+        """Mean per-step log-likelihood and filtered regimes of ``y`` under the current model (one pass)."""
+        filtered = self.current.model.filter(y)
+        return float(filtered.log_likelihood) / len(y), np.asarray(filtered.marginals.regime).argmax(-1)
+
+    def _accuracy(self, regimes, labels) -> float:
         return float(np.mean(self._model_labels()[regimes] == labels))
 
     def _baseline(self, window) -> dict:
         tail = window[-self.settings.validation:]
-        baseline = {"log_likelihood": mean_log_likelihood(self.current.model, tail)}
+        log_likelihood, regimes = self._read(tail)
+        baseline = {"log_likelihood": log_likelihood}
         if self.labels is not None:
-            baseline["accuracy"] = self._accuracy(tail, self.labels[-len(tail):])
+            baseline["accuracy"] = self._accuracy(regimes, self.labels[-len(tail):])
         return baseline
 
     def check(self) -> tuple[Trigger, ...]:
@@ -281,11 +286,12 @@ class IncrementalTrainer:
         readings = []
         if t.every is not None:
             readings.append(Trigger.reading("data volume", self.num_new >= t.every, self.num_new, t.every))
+        log_likelihood, regimes = self._read(recent)
         if t.log_likelihood_drop is not None:
-            drop = self.baseline["log_likelihood"] - mean_log_likelihood(self.current.model, recent)
+            drop = self.baseline["log_likelihood"] - log_likelihood
             readings.append(Trigger.reading("log-likelihood drop", drop > t.log_likelihood_drop, drop, t.log_likelihood_drop))
         if t.accuracy_drop is not None and self.labels is not None:
-            drop = self.baseline["accuracy"] - self._accuracy(recent, self.labels[-len(recent):])
+            drop = self.baseline["accuracy"] - self._accuracy(regimes, self.labels[-len(recent):])
             readings.append(Trigger.reading("accuracy drop", drop > t.accuracy_drop, drop, t.accuracy_drop))
         if t.drift_psi is not None:
             psi = float(population_stability_index(self.reference, recent).max())

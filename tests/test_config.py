@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
+import pipeline
 import pytest
+import schema
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-import pipeline
-import schema
+from fhmv_jax.data import FEATURE_NAMES
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("data", "model", "train")}
@@ -32,16 +33,16 @@ def test_defaults_match_the_documented_values():
     assert cfg.seed == 42 and cfg.data.kind == "synthetic" and cfg.data.num_steps == 1000
     assert cfg.data.train_fraction == 0.8 and cfg.model.num_components == 2
     assert cfg.train.max_iters == 50 and cfg.train.tol == 1e-4
-    spec = pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
-    assert spec.num_states == 96 and spec.driver_feature == schema.FEATURE_NAMES.index("P")
+    spec = pipeline.model_spec(cfg, tuple(FEATURE_NAMES))
+    assert spec.num_states == 96 and spec.driver_feature == FEATURE_NAMES.index("P")
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUP_OPTIONS.items() for o in options])
 def test_every_group_option_composes_into_a_spec(group, option):
     cfg = schema.validate(_compose([f"{group}={option}", *REQUIRED.get(option, [])]))
     assert cfg[group] is not None
-    spec = pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
-    assert spec.num_features == len(schema.FEATURE_NAMES)
+    spec = pipeline.model_spec(cfg, tuple(FEATURE_NAMES))
+    assert spec.num_features == len(FEATURE_NAMES)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -49,7 +50,7 @@ def test_every_experiment_composes(experiment):
     base = schema.validate(_compose([]))
     cfg = schema.validate(_compose([f"experiment={experiment}"]))
     assert cfg != base, "an experiment file must override something"
-    pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
+    pipeline.model_spec(cfg, tuple(FEATURE_NAMES))
 
 
 def test_experiment_files_only_state_overrides():
@@ -79,10 +80,10 @@ def test_missing_required_value_is_named():
 def test_bad_model_values_are_named():
     cfg = schema.validate(_compose(["model.driver=Price"]))
     with pytest.raises(ValueError, match="'Price'"):
-        pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
+        pipeline.model_spec(cfg, tuple(FEATURE_NAMES))
     cfg = schema.validate(_compose(["model.leverage=sideways"]))
     with pytest.raises(ValueError, match="leverage"):
-        pipeline.model_spec(cfg, tuple(schema.FEATURE_NAMES))
+        pipeline.model_spec(cfg, tuple(FEATURE_NAMES))
 
 
 def test_split_rows_checks_both_parts():
