@@ -1,8 +1,10 @@
 """ECM training: E-step statistics, M-step updates, the jitted EM step and the fitting loop."""
 
-from .fit import FitResult, IterationInfo, StepInfo, em_step, fit_em, print_progress
+from .fit import fit_em
 from .init import init_model, kmeans
+from .loop import FitResult, IterationInfo, StepInfo, em_step, print_progress, run_em
 from .m_step import CovariancePrior, m_step
+from .split_merge import SplitMerge, merge_split_candidate
 from .stats import SequenceStats, batch_e_step, e_step
 
 __all__ = [
@@ -10,6 +12,7 @@ __all__ = [
     "FitResult",
     "IterationInfo",
     "SequenceStats",
+    "SplitMerge",
     "StepInfo",
     "batch_e_step",
     "e_step",
@@ -18,5 +21,7 @@ __all__ = [
     "init_model",
     "kmeans",
     "m_step",
+    "merge_split_candidate",
     "print_progress",
+    "run_em",
 ]

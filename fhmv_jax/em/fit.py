@@ -1,115 +1,21 @@
-"""The ECM loop: jitted ``em_step`` (vmapped over sequences and restarts) and ``fit_em``."""
+"""``fit_em``: restarts, batches and split-merge moves around the ECM loop of ``loop.py``."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import NamedTuple
+from functools import partial
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._checks import check_sequences
-from .._types import Array, Float, PRNGKeyArray, Scalar
+from .._types import Array, Float, PRNGKeyArray
 from ..model.fhmv import FHMV
-from ..model.params import natural_parameters
 from .init import init_model
-from .m_step import CovariancePrior, log_prior, m_step
-from .stats import batch_e_step, padded_forward
-
-
-class StepInfo(NamedTuple):
-    """What one EM step saw of the model it started from.
-
-    Attributes:
-        log_likelihood: log p(y) summed over sequences.
-        log_prior: the covariance penalty; EM never lowers ``log_likelihood + log_prior``.
-    """
-
-    log_likelihood: Scalar
-    log_prior: Scalar
-
-
-class FitResult(NamedTuple):
-    """Outcome of ``fit_em``.
-
-    Attributes:
-        model: the fitted model (the best restart).
-        log_likelihoods: [num_iters + 1] log p(y) after 0, 1, ..., num_iters EM iterations.
-        converged: whether the gain in mean per-step log-likelihood fell below ``tol``.
-        num_iters: EM iterations run.
-        objectives: [num_iters + 1] log-likelihood plus covariance log-prior (never decreases).
-        restart_log_likelihoods: [R] final log-likelihood of every restart.
-    """
-
-    model: FHMV
-    log_likelihoods: np.ndarray
-    converged: bool
-    num_iters: int
-    objectives: np.ndarray
-    restart_log_likelihoods: np.ndarray
-
-
-class IterationInfo(NamedTuple):
-    """Progress of one EM iteration, passed to the ``callback`` of ``fit_em``."""
-
-    iteration: int
-    log_likelihood: float
-    gain_per_step: float
-    seconds: float
-    num_restarts: int
-
-
-def print_progress(info: IterationInfo) -> None:
-    """Default progress line; pass ``callback=None`` to ``fit_em`` to silence it."""
-    gain = "" if info.iteration == 0 else f"  gain/step {info.gain_per_step:+.3e}"
-    best = " (best of %d restarts)" % info.num_restarts if info.num_restarts > 1 else ""
-    print(f"EM iter {info.iteration:3d}  log-lik {info.log_likelihood:.6f}{gain}  {info.seconds:.2f}s{best}", flush=True)
-
-
-def _em_step(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior) -> tuple[FHMV, StepInfo]:
-    """One ECM iteration on padded sequences (``em_step`` is this, jitted once per shape).
-
-    Args:
-        model: the current model.
-        y: [B, T, D] observations, padding zeroed; x: [B, T] driver or None; mask: [B, T] valid steps.
-        prior: the covariance prior.
-
-    Returns:
-        (new model, ``StepInfo`` of the input model).
-    """
-    stats = batch_e_step(model.spec, model.params, y, x, mask)
-    params = m_step(model.spec, model.params, stats, y, x, prior)
-    info = StepInfo(jnp.sum(stats.log_likelihood), log_prior(model.params, prior))
-    return FHMV(model.spec, params), info
-
-
-em_step = eqx.filter_jit(_em_step)
-_em_step_restarts = eqx.filter_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None)))
-
-
-def _objective(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior) -> StepInfo:
-    natural = natural_parameters(model.spec, model.params)
-
-    def sequence(yb, xb, mb):
-        return padded_forward(model.spec, model.params, natural, yb, xb, mb)[2].marginal_loglik
-
-    return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.params, prior))
-
-
-_objective_single = eqx.filter_jit(_objective)
-_objective_restarts = eqx.filter_jit(eqx.filter_vmap(_objective, in_axes=(0, None, None, None, None)))
-
-
-def _stack(models: list[FHMV]) -> FHMV:
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *models)
-
-
-def _decrease_tolerance(objective: np.ndarray, dtype) -> np.ndarray:
-    relative = 1e-9 if dtype == jnp.float64 else 1e-4
-    return relative * np.abs(objective) + relative
+from .loop import FitResult, IterationInfo, print_progress, run_em, stack_models
+from .m_step import CovariancePrior
+from .split_merge import SplitMerge, candidate_moves, merge_split_candidate, print_split_merge
 
 
 def fit_em(
@@ -124,6 +30,8 @@ def fit_em(
     key: PRNGKeyArray | None = None,
     covariance_ridge: float = 1e-2,
     covariance_prior_count: float = 1e-2,
+    split_merge_rounds: int = 0,
+    split_merge_iters: int = 10,
     callback: Callable[[IterationInfo], None] | None = print_progress,
 ) -> FitResult:
     """Fit every parameter by ECM (MODEL.md sections 4-6).
@@ -142,6 +50,11 @@ def fit_em(
         key: PRNG key for the restarts.
         covariance_ridge, covariance_prior_count: the inverse-Wishart ridge
             Sigma = (S + ridge I) / (n + count) that keeps covariances positive definite.
+        split_merge_rounds: after convergence, up to this many split-merge rounds (see
+            ``split_merge``): every candidate (two fast-switching regimes merged, another
+            split) runs ``split_merge_iters`` iterations vmapped, and the best is continued
+            to convergence only if it ends above the current penalised log-likelihood; the
+            rounds stop at the first that finds no better candidate. Needs G >= 3.
         callback: called with an ``IterationInfo`` after every iteration; ``None`` is silent.
 
     Returns:
@@ -149,57 +62,54 @@ def fit_em(
 
     Raises:
         ValueError: bad observations (see ``check_sequences``), ``max_iters < 1``,
-            ``num_restarts < 1`` or restarts without a key.
+            ``num_restarts < 1``, restarts without a key, or split-merge rounds with G < 3.
         RuntimeError: the penalised log-likelihood decreased beyond rounding (a bug).
     """
-    if max_iters < 1 or num_restarts < 1:
-        raise ValueError(f"max_iters and num_restarts must be >= 1, got {max_iters} and {num_restarts}")
+    if max_iters < 1 or num_restarts < 1 or split_merge_rounds < 0:
+        raise ValueError(
+            f"max_iters and num_restarts must be >= 1 and split_merge_rounds >= 0, got {max_iters},"
+            f" {num_restarts} and {split_merge_rounds}"
+        )
     spec, dtype = model.spec, model.params.dtype
+    if split_merge_rounds and spec.num_regimes < 3:
+        raise ValueError(f"split-merge moves need at least 3 regimes, the spec has {spec.num_regimes}")
     y, x, mask = check_sequences(spec, y, x, lengths, dtype=dtype)
-    num_steps = int(mask.sum())
     prior = CovariancePrior(jnp.asarray(covariance_ridge, dtype), jnp.asarray(covariance_prior_count, dtype))
+    run = partial(run_em, y=y, x=x, mask=mask, prior=prior, tol=tol)
     if num_restarts > 1:
         if key is None:
             raise ValueError("num_restarts > 1 needs a PRNG key for the new initialisations")
         keys = jax.random.split(key, num_restarts - 1)
         starts = [model] + [init_model(k, spec, y, x, lengths=mask.sum(1)).astype(dtype) for k in keys]
-        model = _stack(starts)
-        step, evaluate = _em_step_restarts, _objective_restarts
+        fit = run(stack_models(starts), max_iters=max_iters, callback=callback, stacked=True)
     else:
-        step, evaluate = em_step, _objective_single
-
-    log_liks, objectives = [], []
-    converged = False
-    start = time.perf_counter()
-    for iteration in range(max_iters + 1):
-        if iteration < max_iters:
-            new_model, info = step(model, y, x, mask, prior)
-        else:
-            info = evaluate(model, y, x, mask, prior)
-        log_lik = np.atleast_1d(np.asarray(info.log_likelihood, np.float64))
-        objective = log_lik + np.atleast_1d(np.asarray(info.log_prior, np.float64))
-        if objectives:
-            drop = objectives[-1] - objective
-            if np.any(drop > _decrease_tolerance(objective, dtype)):
-                worst = int(np.argmax(drop))
-                raise RuntimeError(
-                    f"EM decreased the penalised log-likelihood by {drop[worst]:.3e} at iteration {iteration}"
-                    f" (restart {worst}): an ECM step is not monotone"
-                )
-        log_liks.append(log_lik)
-        objectives.append(objective)
-        gain = (objective - objectives[-2]) / num_steps if len(objectives) > 1 else np.full_like(objective, np.inf)
-        if callback is not None:
-            now = time.perf_counter()
-            callback(IterationInfo(iteration, float(log_lik.max()), float(gain[np.argmax(log_lik)]), now - start, len(log_lik)))
-            start = now
-        converged = bool(np.all(gain < tol))
-        if iteration == max_iters or converged:
+        fit = run(model, max_iters=max_iters, callback=callback)
+    for _ in range(split_merge_rounds):
+        moved = _split_merge_round(fit, run, max_iters, split_merge_iters, callback)
+        if moved is None:
             break
-        model = new_model
+        fit = moved
+    return fit
 
-    log_liks, objectives = np.stack(log_liks), np.stack(objectives)
-    best = int(np.argmax(objectives[-1]))
-    if num_restarts > 1:
-        model = jax.tree.map(lambda leaf: leaf[best], model)
-    return FitResult(model, log_liks[:, best], converged, len(log_liks) - 1, objectives[:, best], log_liks[-1])
+
+def _split_merge_round(fit: FitResult, run: Callable, max_iters: int, trial_iters: int, callback) -> FitResult | None:
+    """Try every split-merge candidate of ``fit.model`` for ``trial_iters`` iterations (vmapped); if the
+    best ends above the current objective, continue it to convergence and return the joined result."""
+    model = fit.model
+    moves = candidate_moves(model)
+    trial = run(stack_models([merge_split_candidate(model, *move) for move in moves]), max_iters=trial_iters,
+                callback=None, stacked=True)
+    if trial.objectives[-1] <= fit.objectives[-1]:
+        return None
+    move = moves[int(np.argmax(trial.restart_objectives))]
+    if callback is print_progress:
+        print_split_merge(move, fit.objectives[-1], trial.objectives[-1])
+    rest = run(trial.model, max_iters=max_iters, callback=callback)
+    record = SplitMerge(*move, iteration=fit.num_iters, objective_before=float(fit.objectives[-1]),
+                        objective_after=float(rest.objectives[-1]))
+    return rest._replace(
+        log_likelihoods=np.concatenate([fit.log_likelihoods, trial.log_likelihoods, rest.log_likelihoods[1:]]),
+        objectives=np.concatenate([fit.objectives, trial.objectives, rest.objectives[1:]]),
+        num_iters=fit.num_iters + trial.num_iters + rest.num_iters,
+        split_merges=fit.split_merges + (record,),
+    )

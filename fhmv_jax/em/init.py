@@ -11,8 +11,12 @@ from .._types import Array, PRNGKeyArray
 from ..model import factors
 from ..model.fhmv import FHMV, chain_arrays
 from ..model.spec import ModelSpec
+from .loop import run_em, stack_models
+from .m_step import CovariancePrior
+from .stats import batch_e_step
 
 _MAX_KMEANS_POINTS = 50_000
+INIT_METHODS = ("kmeans", "hmm")
 
 
 def _squared_distances(points: Array, centres: Array) -> Array:
@@ -57,20 +61,45 @@ def _weighted_covariances(points: Array, weights: Array, centres: Array) -> Arra
     return jnp.einsum("kn,knd,kne->kde", weights, centred, centred) / jnp.maximum(totals, 1e-300)
 
 
-def _clusters(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: int):
-    """Regime clusters (best of ``num_seeds`` k-means runs) and component sub-clusters within each."""
+def _kmeans_regimes(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: int) -> Array:
+    """[n] regime of every point: the best (least inertia) of ``num_seeds`` k-means runs into G clusters."""
     ones = jnp.ones(points.shape[0], points.dtype)
-    key_regimes, key_components = jax.random.split(key)
     run = jax.vmap(lambda k: kmeans(k, points, ones, spec.num_regimes))
-    centres, assignments, inertia = run(jax.random.split(key_regimes, num_seeds))
-    regime_of = assignments[jnp.argmin(inertia)]
+    _, assignments, inertia = run(jax.random.split(key, num_seeds))
+    return assignments[jnp.argmin(inertia)]
+
+
+def reduced_hmm_spec(spec: ModelSpec) -> ModelSpec:
+    """The Gaussian HMM behind ``init_model(method="hmm")``: G regimes, one Gaussian each, no factors."""
+    return ModelSpec(num_features=spec.num_features, num_regimes=spec.num_regimes, num_chains=0, num_jump_states=1,
+                     num_components=1, leverage="none", gaussian=True)
+
+
+def _hmm_regimes(key: PRNGKeyArray, spec: ModelSpec, y: Array, mask: Array, num_seeds: int, num_iters: int) -> Array:
+    """[n valid steps] smoothed regime path of a Gaussian HMM fitted from ``num_seeds`` k-means starts (vmapped)."""
+    reduced = reduced_hmm_spec(spec)
+    lengths = jnp.sum(mask, axis=1)
+    starts = [init_model(k, reduced, y, lengths=lengths, num_seeds=1) for k in jax.random.split(key, num_seeds)]
+    fit = run_em(stack_models(starts), y, None, mask, CovariancePrior(), max_iters=num_iters, tol=0.0,
+                 callback=None, stacked=True)
+    regimes = jnp.argmax(batch_e_step(reduced, fit.model.params, y, None, mask).regime_volatility[..., 0], axis=-1)
+    return regimes[mask]
+
+
+def _component_clusters(key: PRNGKeyArray, points: Array, spec: ModelSpec, regime_of: Array):
+    """K k-means sub-clusters within every regime; a regime without points takes all points.
+
+    Returns:
+        (centres [G, K, D], component weights [G, K, n]).
+    """
     membership = jax.nn.one_hot(regime_of, spec.num_regimes, dtype=points.dtype).T
+    membership = jnp.where(jnp.sum(membership, axis=1, keepdims=True) > 0, membership, 1.0)
 
     def _within(k, member):
         sub_centres, sub_assign, _ = kmeans(k, points, member, spec.num_components)
         return sub_centres, jax.nn.one_hot(sub_assign, spec.num_components, dtype=points.dtype).T * member[None]
 
-    return jax.vmap(_within)(jax.random.split(key_components, spec.num_regimes), membership)
+    return jax.vmap(_within)(jax.random.split(key, spec.num_regimes), membership)
 
 
 def _mean_scale(spec: ModelSpec, natural: dict) -> float:
@@ -98,8 +127,18 @@ def init_model(
     *,
     lengths=None,
     num_seeds: int = 5,
+    method: str = "kmeans",
+    hmm_iters: int = 30,
 ) -> FHMV:
-    """A starting model from data: k-means (best of ``num_seeds``) into G regimes, then K components.
+    """A starting model from data: a partition into G regimes, then K k-means components in each.
+
+    The partition (``method``):
+      - ``"kmeans"`` (MODEL.md 6): the best of ``num_seeds`` k-means runs on the observations.
+      - ``"hmm"``: ``num_seeds`` Gaussian HMMs (G regimes, one full-covariance Gaussian each,
+        no factors; ``reduced_hmm_spec``) started from single k-means runs, fitted for
+        ``hmm_iters`` EM iterations (vmapped); the smoothed path of the best. The chain's
+        persistence keeps apart clusters that k-means merges, and joins the fast-alternating
+        modes of one regime that k-means splits; a better basin for ECM on regime data.
 
     Means and covariances come from the clusters (covariances divided by the mean
     volatility scale, so that the mixture over sub-states matches the data's spread);
@@ -111,10 +150,17 @@ def init_model(
         key: PRNG key for k-means.
         spec: the model spec.
         y: [T, D] or a padded batch [B, T, D] (with ``lengths``); x is validated alongside.
+        num_seeds: k-means runs (``"kmeans"``) or HMM starts (``"hmm"``).
+        method: ``"kmeans"`` or ``"hmm"``; hmm_iters: EM iterations of the HMM stage.
 
     Returns:
         An ``FHMV`` in float64 (or the dtype of the JAX default).
+
+    Raises:
+        ValueError: bad observations, fewer observations than G x K, or an unknown method.
     """
+    if method not in INIT_METHODS:
+        raise ValueError(f"init method must be one of {INIT_METHODS}, got {method!r}")
     y, _, mask = check_sequences(spec, y, x, lengths)
     points = np.asarray(y)[np.asarray(mask)]
     if points.shape[0] < spec.num_regimes * spec.num_components:
@@ -122,11 +168,16 @@ def init_model(
             f"{points.shape[0]} observations cannot initialise {spec.num_regimes} regimes x {spec.num_components} components"
         )
     key_subsample, key_clusters = jax.random.split(key)
+    key_regimes, key_components = jax.random.split(key_clusters)
+    regime_of = _hmm_regimes(key_regimes, spec, y, mask, num_seeds, hmm_iters) if method == "hmm" else None
     if points.shape[0] > _MAX_KMEANS_POINTS:
-        chosen = jax.random.choice(key_subsample, points.shape[0], (_MAX_KMEANS_POINTS,), replace=False)
-        points = points[np.asarray(chosen)]
+        chosen = np.asarray(jax.random.choice(key_subsample, points.shape[0], (_MAX_KMEANS_POINTS,), replace=False))
+        points = points[chosen]
+        regime_of = None if regime_of is None else regime_of[chosen]
     points = jnp.asarray(points)
-    centres, component_weights = _clusters(key_clusters, points, spec, num_seeds)
+    if regime_of is None:
+        regime_of = _kmeans_regimes(key_regimes, points, spec, num_seeds)
+    centres, component_weights = _component_clusters(key_components, points, spec, regime_of)
     G, K, D = spec.num_regimes, spec.num_components, spec.num_features
     flat_weights = component_weights.reshape(G * K, -1)
     covariances = np.asarray(_weighted_covariances(points, flat_weights, centres.reshape(G * K, D)))
