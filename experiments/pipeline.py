@@ -160,16 +160,21 @@ def check_reload(saved, y_test, before, prediction) -> None:
 
 def fit_model(cfg: DictConfig, spec: fhmv_jax.ModelSpec, y_train, key_init, key_restarts):
     """init_model + fit_em with the ``train`` settings (progress printed)."""
-    start = fhmv_jax.init_model(key_init, spec, y_train, num_seeds=cfg.train.init_seeds)
+    train = cfg.train
+    start = fhmv_jax.init_model(key_init, spec, y_train, num_seeds=train.init_seeds, method=train.init_method,
+                                hmm_iters=train.hmm_iters)
     return fhmv_jax.fit_em(
         start,
         y_train,
-        max_iters=cfg.train.max_iters,
-        tol=cfg.train.tol,
-        num_restarts=cfg.train.num_restarts,
+        max_iters=train.max_iters,
+        tol=train.tol,
+        num_restarts=train.num_restarts,
         key=key_restarts,
-        covariance_ridge=cfg.train.covariance_ridge,
-        covariance_prior_count=cfg.train.covariance_prior_count,
+        init_method=train.init_method,
+        covariance_ridge=train.covariance_ridge,
+        covariance_prior_count=train.covariance_prior_count,
+        split_merge_rounds=train.split_merge_rounds if spec.num_regimes >= 3 else 0,
+        split_merge_iters=train.split_merge_iters,
     )
 
 
@@ -250,6 +255,9 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
         "log_likelihoods": [float(v) for v in fit.log_likelihoods],
         "converged": fit.converged,
         "num_iters": fit.num_iters,
+        "split_merges": [{"merged": list(move.merged), "split": move.split, "iteration": move.iteration,
+                          "objective_before": move.objective_before, "objective_after": move.objective_after}
+                         for move in fit.split_merges],
         "fit_seconds": fit_seconds,
         "regime_names": list(names),
         "factor_parameters": factor_parameters(model),
@@ -329,7 +337,8 @@ def summarise(metrics: dict, output_dir: Path) -> None:
     train, test = metrics["train"], metrics["test"]
     lines = [
         "",
-        f"EM: {metrics['num_iters']} iterations, converged={metrics['converged']}, fit {metrics['fit_seconds']:.1f} s",
+        f"EM: {metrics['num_iters']} iterations, {len(metrics['split_merges'])} split-merge moves,"
+        f" converged={metrics['converged']}, fit {metrics['fit_seconds']:.1f} s",
         f"log-likelihood per step: train {train['log_likelihood_per_step']:.4f}, test {test['log_likelihood_per_step']:.4f}",
     ]
     if "accuracy" in test:

@@ -14,6 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fhmv_jax.data import DEFAULT_FREQUENCIES, FEATURE_NAMES, REGIME_NAMES
+from fhmv_jax.em.init import INIT_METHODS
 
 
 @dataclass
@@ -21,7 +22,7 @@ class FeaturesConfig:
     """Causal feature processing, then a Standardizer fitted on training rows only."""
 
     log_return: list[str] = field(default_factory=lambda: ["P"])
-    log1p: list[str] = field(default_factory=list)
+    log1p: list[str] = field(default_factory=lambda: ["LM", "SR", "Vol"])
     ewma_spans: dict[str, float] = field(default_factory=lambda: {"Delta": 6.0})
 
 
@@ -77,7 +78,11 @@ class TrainConfig:
     max_iters: int = 50
     tol: float = 1e-4
     num_restarts: int = 1
+    init_method: str = "hmm"
     init_seeds: int = 5
+    hmm_iters: int = 30
+    split_merge_rounds: int = 3
+    split_merge_iters: int = 10
     covariance_ridge: float = 1e-2
     covariance_prior_count: float = 1e-2
 
@@ -155,5 +160,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
         raise ValueError(f"invalid configuration: {error}") from None
+    if merged.train.init_method not in INIT_METHODS:
+        raise ValueError(f"train.init_method must be one of {list(INIT_METHODS)}, got {merged.train.init_method!r}")
     OmegaConf.set_readonly(merged, True)
     return merged

@@ -12,7 +12,7 @@ from scipy import stats
 import fhmv_jax
 from fhmv_jax import FHMV, ModelSpec, fit_em, init_model
 from fhmv_jax.em import CovariancePrior, em_step
-from fhmv_jax.em import fit as fit_module
+from fhmv_jax.em import loop as loop_module
 
 VARIANTS = {
     "markov-t-K2-N2": ModelSpec(num_features=3, num_regimes=2, num_chains=2, driver_feature=0),
@@ -139,13 +139,13 @@ def test_batch_equals_sum_of_sequences(rng):
 def test_em_step_traces_once(rng, monkeypatch):
     spec = ModelSpec(num_features=2, num_regimes=2, num_chains=1, leverage="none")
     calls = []
-    original = fit_module.batch_e_step
+    original = loop_module.batch_e_step
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(fit_module, "batch_e_step", counting)
+    monkeypatch.setattr(loop_module, "batch_e_step", counting)
     y = rng.normal(size=(37, 2))
     result = fit_em(init_model(jax.random.key(0), spec, y), y, max_iters=6, tol=0.0, callback=None)
     assert result.num_iters == 6
@@ -168,13 +168,13 @@ def test_empty_regime_fits_without_nan(rng):
 
 def test_a_decreasing_step_raises(rng, monkeypatch):
     spec = ModelSpec(num_features=2, num_regimes=2, num_chains=0, num_jump_states=1, leverage="none")
-    original = fit_module.m_step
+    original = loop_module.m_step
 
     def harmful(*args):
         params = original(*args)
         return eqx.tree_at(lambda p: p.means, params, params.means + 3.0)
 
-    monkeypatch.setattr(fit_module, "m_step", harmful)
+    monkeypatch.setattr(loop_module, "m_step", harmful)
     y = rng.normal(size=(41, 2))
     with pytest.raises(RuntimeError, match="decreased the penalised log-likelihood"):
         fit_em(init_model(jax.random.key(0), spec, y), y, max_iters=3, callback=None)

@@ -26,7 +26,7 @@ def _config(overrides):
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     directory = tmp_path_factory.mktemp("run")
-    cfg = _config([])
+    cfg = _config(["train.split_merge_rounds=1", "train.split_merge_iters=2"])
     return cfg, directory, pipeline.run(cfg, directory)
 
 
@@ -40,7 +40,11 @@ def test_job_writes_every_output_with_the_documented_metrics(job):
     for key in ("accuracy", "log_likelihood_per_step", "oracle_accuracy", "confusion_matrix", "precision", "recall"):
         assert key in written["test"]
     assert "accuracy" in written["train"]
-    assert np.all(np.diff(written["log_likelihoods"]) >= -1e-6)
+    history = np.asarray(written["log_likelihoods"])
+    assert len(history) == written["num_iters"] + 1 + len(written["split_merges"])
+    cuts = [0] + [move["iteration"] + 1 for move in written["split_merges"]] + [len(history)]
+    for begin, end in zip(cuts[:-1], cuts[1:]):
+        assert np.all(np.diff(history[begin:end]) >= -1e-6)
     assert written["incremental"]["decision"] in ("deployed", "rejected")
     assert (directory / "registry" / "v0001.fhmv").is_file()
 

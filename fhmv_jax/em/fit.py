@@ -28,6 +28,7 @@ def fit_em(
     tol: float = 1e-4,
     num_restarts: int = 1,
     key: PRNGKeyArray | None = None,
+    init_method: str = "kmeans",
     covariance_ridge: float = 1e-2,
     covariance_prior_count: float = 1e-2,
     split_merge_rounds: int = 0,
@@ -48,6 +49,7 @@ def fit_em(
             new k-means seeds drawn from ``key``; all run vmapped and the best final
             penalised log-likelihood wins.
         key: PRNG key for the restarts.
+        init_method: the ``init_model`` method of the restarts (``"kmeans"`` or ``"hmm"``).
         covariance_ridge, covariance_prior_count: the inverse-Wishart ridge
             Sigma = (S + ridge I) / (n + count) that keeps covariances positive definite.
         split_merge_rounds: after convergence, up to this many split-merge rounds (see
@@ -80,7 +82,7 @@ def fit_em(
         if key is None:
             raise ValueError("num_restarts > 1 needs a PRNG key for the new initialisations")
         keys = jax.random.split(key, num_restarts - 1)
-        starts = [model] + [init_model(k, spec, y, x, lengths=mask.sum(1)).astype(dtype) for k in keys]
+        starts = [model] + [init_model(k, spec, y, x, lengths=mask.sum(1), method=init_method).astype(dtype) for k in keys]
         fit = run(stack_models(starts), max_iters=max_iters, callback=callback, stacked=True)
     else:
         fit = run(model, max_iters=max_iters, callback=callback)

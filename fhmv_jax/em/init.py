@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +26,7 @@ def _squared_distances(points: Array, centres: Array) -> Array:
     return jnp.sum((points[:, None, :] - centres[None, :, :]) ** 2, axis=-1)
 
 
+@partial(jax.jit, static_argnums=(3, 4))
 def kmeans(key: PRNGKeyArray, points: Array, weights: Array, num_clusters: int, num_iters: int = 50):
     """Weighted k-means (k-means++ seeding, then Lloyd iterations); empty clusters keep their centre.
 
@@ -75,15 +79,26 @@ def reduced_hmm_spec(spec: ModelSpec) -> ModelSpec:
                      num_components=1, leverage="none", gaussian=True)
 
 
-def _hmm_regimes(key: PRNGKeyArray, spec: ModelSpec, y: Array, mask: Array, num_seeds: int, num_iters: int) -> Array:
-    """[n valid steps] smoothed regime path of a Gaussian HMM fitted from ``num_seeds`` k-means starts (vmapped)."""
+@eqx.filter_jit
+def _smoothed_regimes(model: FHMV, y: Array, mask: Array) -> Array:
+    """[B, T] most probable regime of every step under the smoothed posterior."""
+    gamma = batch_e_step(model.spec, model.params, y, None, mask).regime_volatility
+    return jnp.argmax(jnp.sum(gamma, axis=-1), axis=-1)
+
+
+def _hmm_regimes(key: PRNGKeyArray, spec: ModelSpec, y: Array, mask: Array, points: Array, num_seeds: int,
+                 num_iters: int) -> Array:
+    """[n valid steps] smoothed regime path of the best of ``num_seeds`` Gaussian HMMs, each started
+    from one k-means run on ``points`` and fitted for ``num_iters`` EM iterations (vmapped)."""
     reduced = reduced_hmm_spec(spec)
-    lengths = jnp.sum(mask, axis=1)
-    starts = [init_model(k, reduced, y, lengths=lengths, num_seeds=1) for k in jax.random.split(key, num_seeds)]
+    key_regimes, key_components = jax.random.split(key)
+    ones = jnp.ones(points.shape[0], points.dtype)
+    _, assignments, _ = jax.vmap(lambda k: kmeans(k, points, ones, spec.num_regimes))(
+        jax.random.split(key_regimes, num_seeds))
+    starts = [_partition_start(key_components, reduced, points, regime_of) for regime_of in assignments]
     fit = run_em(stack_models(starts), y, None, mask, CovariancePrior(), max_iters=num_iters, tol=0.0,
                  callback=None, stacked=True)
-    regimes = jnp.argmax(batch_e_step(reduced, fit.model.params, y, None, mask).regime_volatility[..., 0], axis=-1)
-    return regimes[mask]
+    return _smoothed_regimes(fit.model, y, mask)[mask]
 
 
 def _component_clusters(key: PRNGKeyArray, points: Array, spec: ModelSpec, regime_of: Array):
@@ -169,15 +184,27 @@ def init_model(
         )
     key_subsample, key_clusters = jax.random.split(key)
     key_regimes, key_components = jax.random.split(key_clusters)
-    regime_of = _hmm_regimes(key_regimes, spec, y, mask, num_seeds, hmm_iters) if method == "hmm" else None
+    chosen = None
     if points.shape[0] > _MAX_KMEANS_POINTS:
         chosen = np.asarray(jax.random.choice(key_subsample, points.shape[0], (_MAX_KMEANS_POINTS,), replace=False))
         points = points[chosen]
-        regime_of = None if regime_of is None else regime_of[chosen]
     points = jnp.asarray(points)
-    if regime_of is None:
+    if method == "hmm":
+        regime_of = _hmm_regimes(key_regimes, spec, y, mask, points, num_seeds, hmm_iters)
+        regime_of = regime_of if chosen is None else regime_of[chosen]
+    else:
         regime_of = _kmeans_regimes(key_regimes, points, spec, num_seeds)
-    centres, component_weights = _component_clusters(key_components, points, spec, regime_of)
+    return _partition_start(key_components, spec, points, regime_of)
+
+
+def _partition_start(key: PRNGKeyArray, spec: ModelSpec, points: Array, regime_of: Array) -> FHMV:
+    """The starting model of a regime partition: K k-means components per regime, the fixed
+    starting values of the chains and scales listed in ``init_model``.
+
+    Args:
+        points: [n, D] observations; regime_of: [n] their regimes.
+    """
+    centres, component_weights = _component_clusters(key, points, spec, regime_of)
     G, K, D = spec.num_regimes, spec.num_components, spec.num_features
     flat_weights = component_weights.reshape(G * K, -1)
     covariances = np.asarray(_weighted_covariances(points, flat_weights, centres.reshape(G * K, D)))
