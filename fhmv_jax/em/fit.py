@@ -107,7 +107,7 @@ def _split_merge_round(fit: FitResult, run: Callable, max_iters: int, trial_iter
     if callback is print_progress:
         print_split_merge(move, fit.objectives[-1], trial.objectives[-1])
     rest = run(trial.model, max_iters=max_iters, callback=callback)
-    record = SplitMerge(*move, iteration=fit.num_iters, objective_before=float(fit.objectives[-1]),
+    record = SplitMerge(*move, iteration=len(fit.objectives) - 1, objective_before=float(fit.objectives[-1]),
                         objective_after=float(rest.objectives[-1]))
     return rest._replace(
         log_likelihoods=np.concatenate([fit.log_likelihoods, trial.log_likelihoods, rest.log_likelihoods[1:]]),

@@ -5,8 +5,8 @@ observations are bimodal is covered by two fitted regimes that switch back and f
 between themselves, while two true regimes share a single fitted regime (one mixture
 component each). No EM step leaves it, since each move would first lower the likelihood.
 
-A split-merge candidate repairs exactly that in one jump: two regimes i, j with a high
-mutual switching rate A_ij + A_ji become one regime (their 2K components reduced to K by
+A split-merge candidate repairs exactly that in one jump: two regimes i, j (a pair that
+switches between itself often, A_ij + A_ji high, or a pair with alike emissions) become one regime (their 2K components reduced to K by
 Runnalls' moment-preserving merges), and the freed slot takes half of another regime r
 (r's components divided into two groups, each expanded back to K by moment-preserving
 splits). The chain laws are lumped and duplicated the same way. ``fit_em`` runs a few EM
@@ -93,8 +93,8 @@ def stationary_law(transition: np.ndarray) -> np.ndarray:
 
 class SplitMerge(NamedTuple):
     """An accepted move: regimes ``merged`` joined into ``merged[0]``; ``split`` divided between
-    itself and ``merged[1]``; at which EM iteration of the history, and the penalised
-    log-likelihood before and after (at convergence)."""
+    itself and ``merged[1]``; ``iteration``, the index in ``FitResult.log_likelihoods`` of the
+    last value before the move; the penalised log-likelihood before and after (at convergence)."""
 
     merged: tuple[int, int]
     split: int
