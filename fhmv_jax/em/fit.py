@@ -43,18 +43,19 @@ def fit_em(
         x: driver [T] or [B, T] when the leverage mode needs one (else taken from
             ``spec.driver_feature``).
         lengths: [B] valid steps per sequence; padding never affects the result.
-        max_iters: the most EM iterations.
+        max_iters: the most EM iterations (per segment: the first run and each accepted
+            split-merge move's continuation).
         tol: stop when the gain in mean per-step log-likelihood is below this.
         num_restarts: restart 0 starts from ``model``, the others from ``init_model`` with
-            new k-means seeds drawn from ``key``; all run vmapped and the best final
+            new seeds drawn from ``key`` (method ``init_method``); all run vmapped and the best final
             penalised log-likelihood wins.
         key: PRNG key for the restarts.
         init_method: the ``init_model`` method of the restarts (``"kmeans"`` or ``"hmm"``).
         covariance_ridge, covariance_prior_count: the inverse-Wishart ridge
             Sigma = (S + ridge I) / (n + count) that keeps covariances positive definite.
         split_merge_rounds: after convergence, up to this many split-merge rounds (see
-            ``split_merge``): every candidate (two fast-switching regimes merged, another
-            split) runs ``split_merge_iters`` iterations vmapped, and the best is continued
+            ``split_merge``): every candidate (two regimes that switch between each other
+            most, or are most alike, merged; another split) runs ``split_merge_iters`` iterations vmapped, and the best is continued
             to convergence only if it ends above the current penalised log-likelihood; the
             rounds stop at the first that finds no better candidate. Needs G >= 3.
         callback: called with an ``IterationInfo`` after every iteration; ``None`` is silent.
