@@ -290,6 +290,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
             dof = None if spec.gaussian else np.asarray(natural["dof"])[np.argsort(alignment.mapping)]
             training_dashboard(output_dir / DASHBOARD_FILE, DashboardData(
                 log_likelihoods=fit.log_likelihoods,
+                split_merge_iterations=[move.iteration for move in fit.split_merges],
                 names=data.regime_names,
                 confusion=test_filtered.confusion,
                 true_regimes=labels_test,

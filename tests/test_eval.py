@@ -107,6 +107,7 @@ def test_dashboard_writes_a_png_and_keeps_no_temporary(tmp_path, rng):
     truth, pred = rng.integers(0, 4, 100), rng.integers(0, 4, 100)
     data = DashboardData(
         log_likelihoods=np.cumsum(rng.random(8)),
+        split_merge_iterations=[4],
         names=NAMES,
         confusion=confusion_matrix(truth, pred, 4),
         true_regimes=truth,

@@ -17,7 +17,8 @@ class DashboardData(NamedTuple):
     """What the dashboard shows; every regime index is already in the named (aligned) order.
 
     Attributes:
-        log_likelihoods: [I + 1] training log-likelihood after each EM iteration.
+        log_likelihoods: training log-likelihood history (``FitResult.log_likelihoods``).
+        split_merge_iterations: history indices after which a split-merge move was accepted.
         names: [G] regime names.
         confusion: [G, G] test counts, rows true regimes, columns predicted.
         true_regimes: [T] true test regimes.
@@ -29,6 +30,7 @@ class DashboardData(NamedTuple):
     """
 
     log_likelihoods: np.ndarray
+    split_merge_iterations: Sequence[int]
     names: Sequence[str]
     confusion: np.ndarray
     true_regimes: np.ndarray
@@ -42,7 +44,12 @@ class DashboardData(NamedTuple):
 def _convergence(ax, data: DashboardData) -> None:
     iterations = np.arange(len(data.log_likelihoods))
     ax.plot(iterations, data.log_likelihoods, marker="o", markersize=3)
-    ax.set(title="Log-likelihood convergence (train)", xlabel="EM iteration", ylabel="log-likelihood")
+    for number, index in enumerate(data.split_merge_iterations):
+        ax.axvline(index + 0.5, color="tab:red", linestyle="--", linewidth=1,
+                   label="split-merge move (new start)" if number == 0 else None)
+    if data.split_merge_iterations:
+        ax.legend(loc="lower right", fontsize="small")
+    ax.set(title="Log-likelihood convergence (train)", xlabel="EM iteration (history entry)", ylabel="log-likelihood")
     ax.grid(alpha=0.3)
 
 
