@@ -72,6 +72,11 @@ def test_appended_unknown_keys_fail_validation(override, message):
         schema.validate(_compose([override]))
 
 
+def test_unknown_init_method_is_named():
+    with pytest.raises(ValueError, match="train.init_method"):
+        schema.validate(_compose(["train.init_method=spectral"]))
+
+
 def test_missing_required_value_is_named():
     with pytest.raises(ValueError, match="data.path"):
         schema.validate(_compose(["data=csv"]))

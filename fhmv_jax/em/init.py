@@ -65,11 +65,17 @@ def _weighted_covariances(points: Array, weights: Array, centres: Array) -> Arra
     return jnp.einsum("kn,knd,kne->kde", weights, centred, centred) / jnp.maximum(totals, 1e-300)
 
 
-def _kmeans_regimes(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: int) -> Array:
-    """[n] regime of every point: the best (least inertia) of ``num_seeds`` k-means runs into G clusters."""
+def _kmeans_runs(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: int) -> tuple[Array, Array]:
+    """``num_seeds`` k-means runs into G clusters (vmapped): ([num_seeds, n] assignments, [num_seeds] inertia)."""
     ones = jnp.ones(points.shape[0], points.dtype)
-    run = jax.vmap(lambda k: kmeans(k, points, ones, spec.num_regimes))
-    _, assignments, inertia = run(jax.random.split(key, num_seeds))
+    _, assignments, inertia = jax.vmap(lambda k: kmeans(k, points, ones, spec.num_regimes))(
+        jax.random.split(key, num_seeds))
+    return assignments, inertia
+
+
+def _kmeans_regimes(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: int) -> Array:
+    """[n] regime of every point: the best (least inertia) of ``num_seeds`` k-means runs."""
+    assignments, inertia = _kmeans_runs(key, points, spec, num_seeds)
     return assignments[jnp.argmin(inertia)]
 
 
@@ -92,9 +98,7 @@ def _hmm_regimes(key: PRNGKeyArray, spec: ModelSpec, y: Array, mask: Array, poin
     from one k-means run on ``points`` and fitted for ``num_iters`` EM iterations (vmapped)."""
     reduced = reduced_hmm_spec(spec)
     key_regimes, key_components = jax.random.split(key)
-    ones = jnp.ones(points.shape[0], points.dtype)
-    _, assignments, _ = jax.vmap(lambda k: kmeans(k, points, ones, spec.num_regimes))(
-        jax.random.split(key_regimes, num_seeds))
+    assignments, _ = _kmeans_runs(key_regimes, points, spec, num_seeds)
     starts = [_partition_start(key_components, reduced, points, regime_of) for regime_of in assignments]
     fit = run_em(stack_models(starts), y, None, mask, CovariancePrior(), max_iters=num_iters, tol=0.0,
                  callback=None, stacked=True)

@@ -312,9 +312,7 @@ def m_step(
     old = params
     initial = _summed(stats, "initial")
     transitions = _summed(stats, "transitions")
-    import os
-    kappa = float(os.environ.get("KAPPA", "0"))
-    params = regime_update(params, initial[0], transitions[0] + kappa * jnp.eye(transitions[0].shape[0]))
+    params = regime_update(params, initial[0], transitions[0])
     if spec.num_chains:
         params = persistence_update(spec, params, transitions[1 : 1 + spec.num_chains])
     if spec.has_jumps:
@@ -339,7 +337,4 @@ def log_prior(params: FHMVParams, prior: CovariancePrior) -> Array:
     chol = cholesky_factor(params.chol_raw)
     log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
     trace_inv = jnp.sum(emissions.inverse_cholesky(chol) ** 2)
-    import os
-    kappa = float(os.environ.get("KAPPA", "0"))
-    sticky = kappa * jnp.sum(jnp.diagonal(jax.nn.log_softmax(params.transition_logits, -1)))
-    return -0.5 * prior.count * log_det - 0.5 * prior.ridge * trace_inv + sticky
+    return -0.5 * prior.count * log_det - 0.5 * prior.ridge * trace_inv
