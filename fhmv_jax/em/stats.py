@@ -89,6 +89,57 @@ def component_posteriors(
     return tau, expected_w, expected_log_w
 
 
+class ComponentSums(NamedTuple):
+    """Sums over time of the per-(t, g, k, v) posteriors; moments about a reference point.
+
+    Attributes:
+        component_counts: [G, K] sum tau.
+        dof_terms: [G, K] sum tau (E[log W] - E[W]).
+        scale_weights: [E, G, K] sum omega^e, omega^e_t(g, k) = sum_v tau E[W] s^{-e}.
+        first_moments: [E, G, K, D] sum omega^e z_t.
+        second_moments: [E, G, K, D, D] sum omega^e z_t z_t^T.
+    """
+
+    component_counts: Float[Array, "G K"]
+    dof_terms: Float[Array, "G K"]
+    scale_weights: Float[Array, "E G K"]
+    first_moments: Float[Array, "E G K D"]
+    second_moments: Float[Array, "E G K D D"]
+
+
+def _sum_over_last_axis(operands: tuple[Array, ...]) -> tuple[Array, ...]:
+    """One variadic reduction: XLA computes the operands' shared terms once per element instead of
+    storing them, which separate reductions would do for every (t, g, k, v)."""
+    zeros = tuple(jnp.zeros((), a.dtype) for a in operands)
+    last = operands[0].ndim - 1
+    return jax.lax.reduce(operands, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (last,))
+
+
+def component_sums(
+    spec: ModelSpec,
+    params: FHMVParams,
+    natural: dict,
+    emission: EmissionTerms,
+    gamma: Float[Array, "T G V"],
+    centred: Float[Array, "T D"],
+) -> ComponentSums:
+    """tau, E[W] and E[log W] summed into the ECM statistics (``centred``: observations minus a
+    reference point; steps where gamma is zero carry no weight)."""
+    tau, expected_w, expected_log_w = component_posteriors(spec, params, natural, emission, gamma)
+    scaled = tuple(
+        tau * expected_w * jnp.exp(-e * emission.log_scale)[:, None, None, :] for e in scale_exponents(spec)
+    )
+    *per_exponent, per_component, dof_terms = _sum_over_last_axis((*scaled, tau, tau * (expected_log_w - expected_w)))
+    omega = jnp.stack(per_exponent)
+    return ComponentSums(
+        component_counts=jnp.sum(per_component, axis=0),
+        dof_terms=jnp.sum(dof_terms, axis=0),
+        scale_weights=jnp.sum(omega, axis=1),
+        first_moments=jnp.einsum("etgk,td->egkd", omega, centred),
+        second_moments=jnp.einsum("etgk,tdf->egkdf", omega, centred[:, :, None] * centred[:, None, :]),
+    )
+
+
 def _factor_marginals(joint: Array) -> tuple[Array, ...]:
     axes = tuple(range(joint.ndim))
     return tuple(jnp.sum(joint, axis=tuple(a for a in axes if a != axis)) for axis in axes)
@@ -138,17 +189,10 @@ def e_step(
     smoothed = normalise(forward.filtered_probs * betas, state_axes(len(spec.state_shape)))
 
     gamma = smoothed.reshape(T, G, -1) * valid[:, None, None]
-    tau, expected_w, expected_log_w = component_posteriors(spec, params, natural, emission, gamma)
-    exponents = jnp.asarray(scale_exponents(spec), y.dtype)
-    inv_scale = jnp.exp(-exponents[:, None, None] * emission.log_scale[None])
-    omega = jnp.sum((tau * expected_w)[None] * inv_scale[:, :, None, None, :], axis=-1)
-
     reference = jnp.sum(y * valid[:, None], axis=0) / jnp.sum(valid)
-    centred = y - reference[None, :]
+    sums = component_sums(spec, params, natural, emission, gamma, y - reference[None, :])
     shifted_means = params.means - reference[None, None, :]
-    n_e = jnp.sum(omega, axis=1)
-    first_raw = jnp.einsum("etgk,td->egkd", omega, centred)
-    second_raw = jnp.einsum("etgk,tdf->egkdf", omega, centred[:, :, None] * centred[:, None, :])
+    n_e, first_raw, second_raw = sums.scale_weights, sums.first_moments, sums.second_moments
     first = first_raw - n_e[..., None] * shifted_means[None]
     second = (
         second_raw
@@ -162,11 +206,11 @@ def e_step(
         initial=_factor_marginals(smoothed[0]),
         transitions=tuple(jnp.sum(p, axis=0) if p.ndim == 3 else p for p in pairwise),
         leverage_pairwise=pairwise[-1] if spec.leverage == "markov" else None,
-        component_counts=jnp.sum(tau, axis=(0, 3)),
+        component_counts=sums.component_counts,
         scale_weights=n_e,
         first_moments=first,
         second_moments=second,
-        dof_terms=jnp.sum(tau * (expected_log_w - expected_w), axis=(0, 3)),
+        dof_terms=sums.dof_terms,
         state_counts=jnp.sum(gamma, axis=1),
         regime_volatility=gamma,
         emission=emission,
