@@ -6,6 +6,8 @@ from conftest import TINY_SPECS
 from helpers import brute_force, random_natural
 
 from fhmv_jax import FHMV
+from fhmv_jax.inference import backward_pass, forward_filter
+from fhmv_jax.model import inference_inputs
 
 
 def _per_factor_pairwise(spec, full_pairwise):
@@ -65,6 +67,13 @@ def test_against_brute_force(rng, name, T):
         np.testing.assert_allclose(got, want, atol=1e-12)
     for got, want in zip(_factor_list(smoothed.pairwise), _per_factor_pairwise(spec, ref["pairwise"])):
         assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+    arrays = inference_inputs(spec, model.params, y, x_arg)
+    weights = rng.uniform(size=max(T - 1, 0))
+    _, counts = backward_pass(arrays.transitions, forward_filter(*arrays), step_weights=weights)
+    for got, want, matrix in zip(counts, _per_factor_pairwise(spec, ref["pairwise"]), arrays.transitions):
+        want = np.einsum("t,tab->ab" if matrix.ndim == 2 else "t,tab->tab", weights, want)
         np.testing.assert_allclose(got, want, atol=1e-12)
 
     path = model.viterbi(y, x_arg)

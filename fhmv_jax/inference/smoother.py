@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -64,16 +65,11 @@ def backward_step(
     return beta_prev, backward[0], pairwise
 
 
-def _first_factor_pairwise(alpha_prev: Array, messages: Array, matrix: Array, summed: bool) -> Array:
-    """xi^1_t(a, b) = P_1(a, b) sum_rest alpha_{t-1}(a, rest) message_t(b, rest), per step or summed over steps
-    (one matrix product)."""
+def _first_factor_pairwise(alpha_prev: Array, messages: Array, matrix: Array) -> Array:
+    """xi^1_t(a, b) = P_1(a, b) sum_rest alpha_{t-1}(a, rest) message_t(b, rest), per step."""
     steps, n, rest = alpha_prev.shape[0], matrix.shape[-1], math.prod(alpha_prev.shape[2:])
     left = alpha_prev.reshape(steps, n, rest)
     right = messages.reshape(steps, n, rest)
-    if summed:
-        flat_left = jnp.swapaxes(left, 0, 1).reshape(n, -1)
-        flat_right = jnp.swapaxes(right, 0, 1).reshape(n, -1)
-        return matrix * (flat_left @ flat_right.T)
     contraction = jnp.sum(left[:, :, None, :] * right[:, None, :, :], axis=-1)
     return (matrix[None] if matrix.ndim == 2 else matrix) * contraction
 
@@ -96,6 +92,8 @@ def backward_pass(
     Returns:
         (betas [T, *shape], pairwise: per factor [T-1, n_f, n_f], or [n_f, n_f] when summed).
     """
+    if step_weights is not None:
+        return _expected_counts(transitions, forward, step_weights)
     scaled, normalisers = forward.scaled_likelihoods, forward.normalisers
 
     def _step(beta, inputs):
@@ -109,15 +107,72 @@ def backward_pass(
     _, (earlier, messages, rest) = jax.lax.scan(_step, last, step_inputs, reverse=True, unroll=UNROLL)
     betas = jnp.concatenate([earlier, last[None]])
     first_matrix = transitions[0] if transitions[0].ndim == 2 else transitions[0][1:]
-    if step_weights is None:
-        return betas, (_first_factor_pairwise(alpha_prev, messages, first_matrix, False), *rest)
-    weighted_alpha = alpha_prev * step_weights.reshape((-1,) + (1,) * (alpha_prev.ndim - 1))
-    first = _first_factor_pairwise(weighted_alpha, messages, first_matrix, transitions[0].ndim == 2)
-    rest = tuple(
-        jnp.einsum("t,tab->ab", step_weights, p) if m.ndim == 2 else p * step_weights[:, None, None]
-        for p, m in zip(rest, transitions[1:])
-    )
-    return betas, (first, *rest)
+    return betas, (_first_factor_pairwise(alpha_prev, messages, first_matrix), *rest)
+
+
+def _counts_from_gram(gram: Array, transitions: Transitions, axis: int) -> Float[Array, "n n"]:
+    """sum_t xi^f_t for a time-invariant factor f from gram[h, k] = sum_t alpha_{t-1}(h) m_t(k), where m_t is
+    r_t moved back along the time-varying axes: contract with every other time-invariant matrix and
+    take the diagonal of the time-varying axes (one einsum)."""
+    num = len(transitions)
+    left = [chr(ord("a") + i) for i in range(num)]
+    right = [chr(ord("A") + i) if m.ndim == 2 else left[i] for i, m in enumerate(transitions)]
+    operands = [gram]
+    subscripts = ["".join(left) + "".join(right)]
+    for g, matrix in enumerate(transitions):
+        if g != axis and matrix.ndim == 2:
+            operands.append(matrix)
+            subscripts.append(left[g] + right[g])
+    contraction = jnp.einsum(",".join(subscripts) + "->" + left[axis] + right[axis], *operands)
+    return transitions[axis] * contraction
+
+
+def _expected_counts(
+    transitions: Transitions, forward: FilterPosterior, step_weights: Array
+) -> tuple[Float[Array, "T ..."], tuple[Array, ...]]:
+    """``backward_pass`` with step weights: the scan runs the beta recursion alone, and the two-slice
+    sums are formed afterwards, vectorised over time.
+
+    Time-invariant factors: every one of their summed marginals follows from the S x S matrix
+    sum_t w_t alpha_{t-1} (x) m_t, m_t = r_t moved back along the time-varying axis (one matrix
+    product). The time-varying factor (at most one: the Markov leverage) gets per-step marginals
+    from r_t and alpha moved forward along the other axes by their Kronecker product (one more).
+    """
+    varying = [axis for axis, m in enumerate(transitions) if m.ndim == 3]
+    if len(varying) > 1:
+        raise NotImplementedError("expected counts support at most one time-varying factor")
+    invariant = [axis for axis, m in enumerate(transitions) if m.ndim == 2]
+    scaled, normalisers = forward.scaled_likelihoods, forward.normalisers
+
+    def _step(beta, inputs):
+        b_t, c_t, matrices_t = inputs
+        matrices = at_step(transitions, matrices_t)
+        weighted = b_t * beta / c_t
+        message = weighted
+        for axis in varying:
+            message = apply_along_axis(message, matrices[axis], axis, transpose=True)
+        previous = message
+        for axis in invariant:
+            previous = apply_along_axis(previous, matrices[axis], axis, transpose=True)
+        return previous, (previous, message, weighted) if varying else (previous, message)
+
+    last = jnp.ones_like(scaled[0])
+    step_inputs = (scaled[1:], normalisers[1:], tuple(m[1:] for m in time_varying(transitions)))
+    _, outputs = jax.lax.scan(_step, last, step_inputs, reverse=True, unroll=UNROLL)
+    betas = jnp.concatenate([outputs[0], last[None]])
+    alpha = forward.filtered_probs[:-1] * step_weights.reshape((-1,) + (1,) * (last.ndim))
+    steps, shape, size = alpha.shape[0], last.shape, last.size
+    gram = (alpha.reshape(steps, size).T @ outputs[1].reshape(steps, size)).reshape(shape + shape)
+    counts = [None] * len(transitions)
+    for axis in invariant:
+        counts[axis] = _counts_from_gram(gram, transitions, axis)
+    for axis in varying:
+        others = functools.reduce(jnp.kron, [transitions[g] for g in invariant])
+        left = jnp.moveaxis(alpha, axis + 1, -1).reshape(steps, size // shape[axis], shape[axis])
+        right = jnp.moveaxis(outputs[2], axis + 1, -1).reshape(steps, size // shape[axis], shape[axis])
+        moved = jnp.swapaxes(jnp.swapaxes(left, 1, 2) @ others, 1, 2)
+        counts[axis] = transitions[axis][1:] * jnp.einsum("tha,thb->tab", moved, right)
+    return betas, tuple(counts)
 
 
 def smoother(
