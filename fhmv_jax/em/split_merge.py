@@ -107,7 +107,7 @@ def candidate_moves(model: FHMV, num_pairs: int = 2) -> list[tuple[tuple[int, in
     """(merge pair, split regime) candidates: the ``num_pairs`` pairs that switch between each other
     most (A_ij + A_ji) and the ``num_pairs`` most alike (least Runnalls cost of merging the regimes'
     collapsed, occupancy-weighted emissions), each pair with every other regime to split."""
-    natural = {name: np.asarray(value, dtype=np.float64) for name, value in model.natural_parameters().items()}
+    natural = _natural_arrays(model)
     transition = natural["regime_transition"]
     G = transition.shape[0]
     occupancy = stationary_law(transition)
@@ -117,6 +117,11 @@ def candidate_moves(model: FHMV, num_pairs: int = 2) -> list[tuple[tuple[int, in
     alike = sorted(pairs, key=lambda p: _merge_cost(collapsed[p[0]], collapsed[p[1]]))[:num_pairs]
     chosen = list(dict.fromkeys(switching + alike))
     return [(pair, r) for pair in chosen for r in range(G) if r not in pair]
+
+
+def _natural_arrays(model: FHMV) -> dict[str, np.ndarray]:
+    """The model's natural parameters as float64 numpy copies (safe to modify)."""
+    return {name: np.array(value, dtype=np.float64) for name, value in model.natural_parameters().items()}
 
 
 def _regime_components(natural: dict, g: int, scale: float = 1.0) -> list[Component]:
@@ -167,7 +172,7 @@ def merge_split_candidate(model: FHMV, merged: tuple[int, int], r: int) -> FHMV:
     if len({i, j, r}) != 3:
         raise ValueError(f"merge pair ({i}, {j}) and split regime {r} must be three different regimes")
     spec = model.spec
-    natural = {name: np.array(value, dtype=np.float64) for name, value in model.natural_parameters().items()}
+    natural = _natural_arrays(model)
     K = spec.num_components
     occupancy = stationary_law(natural["regime_transition"])
     pooled = _regime_components(natural, i, occupancy[i]) + _regime_components(natural, j, occupancy[j])
