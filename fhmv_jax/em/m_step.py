@@ -30,6 +30,7 @@ from ..model import emissions, factors
 from ..model.fhmv import log_scales
 from ..model.params import FHMVParams, cholesky_factor, jump_transition_matrix, logit, natural_parameters, safe_log
 from ..model.spec import ModelSpec
+from .blocks import sum_emission_blocks
 from .stats import SequenceStats, component_posteriors, scale_exponents
 
 _NEWTON_STEPS = 3
@@ -227,19 +228,29 @@ def scale_update(
     inv_chol = emissions.inverse_cholesky(cholesky_factor(params.chol_raw))
     old_natural = natural_parameters(spec, old)
 
-    def loads_of(yb, emission, gamma):
+    def loads_of(emission, yb, gamma):
         new = emissions.mahalanobis_terms(yb, params.means, inv_chol, spec.scale_mask)
         tau, expected_w, _ = component_posteriors(spec, old, old_natural, emission, gamma)
         quadratic = [new.scaled] if new.cross is None else [new.scaled, 2 * new.cross]
         return [jnp.sum(tau * expected_w * q[..., None], axis=(1, 2)) for q in quadratic]
 
-    loads = jax.vmap(loads_of)(y, stats.emission, stats.regime_volatility)
+    def summed_loads(emission, yb, gamma):
+        return sum_emission_blocks(
+            lambda rows, y_rows, gamma_rows, weights: [
+                jnp.sum(load, axis=0) for load in loads_of(rows, y_rows, gamma_rows * weights[:, None, None])
+            ],
+            emission,
+            yb,
+            gamma,
+        )
+
+    time_varying = spec.leverage == "predictable"
+    loads = jax.vmap(loads_of if time_varying else summed_loads)(stats.emission, y, stats.regime_volatility)
     exponents = scale_exponents(spec)[: len(loads)]
     counts = stats.state_counts
     half_dim = 0.5 * spec.num_scaled_features
-    time_varying = spec.leverage == "predictable"
     if not time_varying:
-        loads = [jnp.sum(load, axis=(0, 1)) for load in loads]
+        loads = [jnp.sum(load, axis=0) for load in loads]
         counts = jnp.sum(counts, axis=(0, 1))
 
     def objective(values):

@@ -15,10 +15,10 @@ from jax.scipy.special import digamma
 
 from .._types import Array, Bool, Float, Scalar
 from ..inference import FilterPosterior, backward_pass, forward_filter
-from ..inference._ops import normalise, state_axes
 from ..model.fhmv import EmissionTerms, chain_arrays, component_terms, emission_terms
 from ..model.params import FHMVParams, natural_parameters
 from ..model.spec import ModelSpec
+from .blocks import sum_emission_blocks
 
 
 class SequenceStats(NamedTuple):
@@ -124,20 +124,29 @@ def component_sums(
     centred: Float[Array, "T D"],
 ) -> ComponentSums:
     """tau, E[W] and E[log W] summed into the ECM statistics (``centred``: observations minus a
-    reference point; steps where gamma is zero carry no weight)."""
-    tau, expected_w, expected_log_w = component_posteriors(spec, params, natural, emission, gamma)
-    scaled = tuple(
-        tau * expected_w * jnp.exp(-e * emission.log_scale)[:, None, None, :] for e in scale_exponents(spec)
-    )
-    *per_exponent, per_component, dof_terms = _sum_over_last_axis((*scaled, tau, tau * (expected_log_w - expected_w)))
-    omega = jnp.stack(per_exponent)
-    return ComponentSums(
-        component_counts=jnp.sum(per_component, axis=0),
-        dof_terms=jnp.sum(dof_terms, axis=0),
-        scale_weights=jnp.sum(omega, axis=1),
-        first_moments=jnp.einsum("etgk,td->egkd", omega, centred),
-        second_moments=jnp.einsum("etgk,tdf->egkdf", omega, centred[:, :, None] * centred[:, None, :]),
-    )
+    reference point; steps where gamma is zero carry no weight), block by block over time."""
+
+    def block(emission_rows, gamma_rows, centred_rows, weights):
+        tau, expected_w, expected_log_w = component_posteriors(
+            spec, params, natural, emission_rows, gamma_rows * weights[:, None, None]
+        )
+        scaled = tuple(
+            tau * expected_w * jnp.exp(-e * emission_rows.log_scale)[:, None, None, :] for e in scale_exponents(spec)
+        )
+        *per_exponent, per_component, dof_terms = _sum_over_last_axis(
+            (*scaled, tau, tau * (expected_log_w - expected_w))
+        )
+        omega = jnp.stack(per_exponent)
+        outer = centred_rows[:, :, None] * centred_rows[:, None, :]
+        return ComponentSums(
+            component_counts=jnp.sum(per_component, axis=0),
+            dof_terms=jnp.sum(dof_terms, axis=0),
+            scale_weights=jnp.sum(omega, axis=1),
+            first_moments=jnp.einsum("etgk,td->egkd", omega, centred_rows),
+            second_moments=jnp.einsum("etgk,tdf->egkdf", omega, outer),
+        )
+
+    return sum_emission_blocks(block, emission, gamma, centred)
 
 
 def _factor_marginals(joint: Array) -> tuple[Array, ...]:
@@ -186,8 +195,7 @@ def e_step(
     natural = natural_parameters(spec, params)
     transitions, emission, forward = padded_forward(spec, params, natural, y, x, mask)
     betas, pairwise = backward_pass(transitions, forward, step_weights=valid[1:])
-    smoothed = normalise(forward.filtered_probs * betas, state_axes(len(spec.state_shape)))
-
+    smoothed = forward.filtered_probs * betas  # alpha_hat_t * beta_hat_t sums to one over the states
     gamma = smoothed.reshape(T, G, -1) * valid[:, None, None]
     reference = jnp.sum(y * valid[:, None], axis=0) / jnp.sum(valid)
     sums = component_sums(spec, params, natural, emission, gamma, y - reference[None, :])
@@ -203,7 +211,7 @@ def e_step(
 
     return SequenceStats(
         log_likelihood=forward.marginal_loglik,
-        initial=_factor_marginals(smoothed[0]),
+        initial=_factor_marginals(smoothed[0] / jnp.sum(smoothed[0])),
         transitions=tuple(jnp.sum(p, axis=0) if p.ndim == 3 else p for p in pairwise),
         leverage_pairwise=pairwise[-1] if spec.leverage == "markov" else None,
         component_counts=sums.component_counts,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Scalar
-from ._ops import UNROLL, Transitions, at_step, propagate, scaled_likelihoods, time_varying
+from ._ops import UNROLL, Transitions, at_step, merge_invariant_axes, propagate, scaled_likelihoods, time_varying
 
 
 class FilterPosterior(NamedTuple):
@@ -46,15 +46,18 @@ def forward_filter(
         A ``FilterPosterior``.
     """
     scaled, shift = scaled_likelihoods(log_likelihoods)
-    next_step = tuple(jnp.roll(m, -1, axis=0) for m in time_varying(transitions))
+    shape, merged = merge_invariant_axes(transitions, initial_probs.shape)
+    next_step = tuple(jnp.roll(m, -1, axis=0) for m in time_varying(merged))
 
     def _step(predicted, inputs):
         b_t, matrices_next = inputs
         joint = predicted * b_t
         normaliser = jnp.sum(joint)
         filtered = joint / normaliser
-        return propagate(filtered, at_step(transitions, matrices_next)), (filtered, normaliser)
+        return propagate(filtered, at_step(merged, matrices_next)), (filtered, normaliser)
 
-    _, (filtered, normalisers) = jax.lax.scan(_step, initial_probs, (scaled, next_step), unroll=UNROLL)
+    steps = (scaled.reshape((-1,) + shape), next_step)
+    _, (filtered, normalisers) = jax.lax.scan(_step, initial_probs.reshape(shape), steps, unroll=UNROLL)
+    filtered = filtered.reshape(scaled.shape)
     marginal_loglik = jnp.sum(jnp.log(normalisers)) + jnp.sum(shift)
     return FilterPosterior(marginal_loglik, filtered, scaled, normalisers)

@@ -10,7 +10,16 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Scalar
-from ._ops import UNROLL, Transitions, apply_along_axis, at_step, normalise, state_axes, time_varying
+from ._ops import (
+    UNROLL,
+    Transitions,
+    apply_along_axis,
+    at_step,
+    merge_invariant_axes,
+    normalise,
+    state_axes,
+    time_varying,
+)
 from .filter import FilterPosterior, forward_filter
 
 
@@ -130,46 +139,52 @@ def _counts_from_gram(gram: Array, transitions: Transitions, axis: int) -> Float
 def _expected_counts(
     transitions: Transitions, forward: FilterPosterior, step_weights: Array
 ) -> tuple[Float[Array, "T ..."], tuple[Array, ...]]:
-    """``backward_pass`` with step weights: the scan runs the beta recursion alone, and the two-slice
+    """``backward_pass`` with step weights: the scan runs the beta recursion, and the two-slice
     sums are formed afterwards, vectorised over time.
 
-    Time-invariant factors: every one of their summed marginals follows from the S x S matrix
-    sum_t w_t alpha_{t-1} (x) m_t, m_t = r_t moved back along the time-varying axis (one matrix
-    product). The time-varying factor (at most one: the Markov leverage) gets per-step marginals
-    from r_t and alpha moved forward along the other axes by their Kronecker product (one more).
+    With r_t = b_t * beta_hat_t / c_t, time-invariant factors get every summed marginal from the
+    S x S matrix sum_t w_t alpha_{t-1} (x) m_t, m_t = r_t moved back along the time-varying axis
+    (one matrix product). The time-varying factor (at most one: the Markov leverage) gets
+    per-step marginals from r_t and alpha moved forward along the other axes by their Kronecker
+    product (one more). The scan covers every step, t = 0 included (its m_0 and r_0 are unused),
+    so that beta needs no concatenation and the inputs no slice; it applies the merged
+    time-invariant matrices (``merge_invariant_axes``).
     """
     varying = [axis for axis, m in enumerate(transitions) if m.ndim == 3]
     if len(varying) > 1:
         raise NotImplementedError("expected counts support at most one time-varying factor")
     invariant = [axis for axis, m in enumerate(transitions) if m.ndim == 2]
     scaled, normalisers = forward.scaled_likelihoods, forward.normalisers
+    shape, size = scaled.shape[1:], math.prod(scaled.shape[1:])
+    merged_shape, merged = merge_invariant_axes(transitions, shape)
+    merged_varying = [axis for axis, m in enumerate(merged) if m.ndim == 3]
+    merged_invariant = [axis for axis, m in enumerate(merged) if m.ndim == 2]
 
     def _step(beta, inputs):
         b_t, c_t, matrices_t = inputs
-        matrices = at_step(transitions, matrices_t)
+        matrices = at_step(merged, matrices_t)
         weighted = b_t * beta / c_t
         message = weighted
-        for axis in varying:
+        for axis in merged_varying:
             message = apply_along_axis(message, matrices[axis], axis, transpose=True)
         previous = message
-        for axis in invariant:
+        for axis in merged_invariant:
             previous = apply_along_axis(previous, matrices[axis], axis, transpose=True)
-        return previous, (previous, message, weighted) if varying else (previous, message)
+        return previous, (beta, message, weighted) if varying else (beta, message)
 
-    last = jnp.ones_like(scaled[0])
-    step_inputs = (scaled[1:], normalisers[1:], tuple(m[1:] for m in time_varying(transitions)))
-    _, outputs = jax.lax.scan(_step, last, step_inputs, reverse=True, unroll=UNROLL)
-    betas = jnp.concatenate([outputs[0], last[None]])
-    alpha = forward.filtered_probs[:-1] * step_weights.reshape((-1,) + (1,) * (last.ndim))
-    steps, shape, size = alpha.shape[0], last.shape, last.size
-    gram = (alpha.reshape(steps, size).T @ outputs[1].reshape(steps, size)).reshape(shape + shape)
+    step_inputs = (scaled.reshape((-1,) + merged_shape), normalisers, time_varying(merged))
+    _, outputs = jax.lax.scan(_step, jnp.ones(merged_shape, scaled.dtype), step_inputs, reverse=True, unroll=UNROLL)
+    betas, messages, *weighted = (o.reshape(scaled.shape) for o in outputs)
+    alpha = forward.filtered_probs[:-1] * step_weights.reshape((-1,) + (1,) * len(shape))
+    steps = alpha.shape[0]
+    gram = (alpha.reshape(steps, size).T @ messages[1:].reshape(steps, size)).reshape(shape + shape)
     counts = [None] * len(transitions)
     for axis in invariant:
         counts[axis] = _counts_from_gram(gram, transitions, axis)
     for axis in varying:
         others = functools.reduce(jnp.kron, [transitions[g] for g in invariant])
         left = jnp.moveaxis(alpha, axis + 1, -1).reshape(steps, size // shape[axis], shape[axis])
-        right = jnp.moveaxis(outputs[2], axis + 1, -1).reshape(steps, size // shape[axis], shape[axis])
+        right = jnp.moveaxis(weighted[0][1:], axis + 1, -1).reshape(steps, size // shape[axis], shape[axis])
         moved = jnp.swapaxes(jnp.swapaxes(left, 1, 2) @ others, 1, 2)
         counts[axis] = transitions[axis][1:] * jnp.einsum("tha,thb->tab", moved, right)
     return betas, tuple(counts)

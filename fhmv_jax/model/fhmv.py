@@ -182,7 +182,7 @@ def emission_terms_at_scale(
     chol = cholesky_factor(params.chol_raw)
     mahalanobis = emissions.mahalanobis_terms(y, params.means, emissions.inverse_cholesky(chol), spec.scale_mask)
     weighted = component_terms(spec, params, natural, mahalanobis, log_scale).weighted_log_dens
-    return EmissionTerms(log_scale, mahalanobis, jax.nn.logsumexp(weighted, axis=2))
+    return EmissionTerms(log_scale, mahalanobis, emissions.log_sum_exp(weighted, axis=2))
 
 
 def initial_law(spec: ModelSpec, natural: dict) -> Float[Array, "*state"]:
