@@ -136,6 +136,11 @@ def _counts_from_gram(gram: Array, transitions: Transitions, axis: int) -> Float
     return transitions[axis] * contraction
 
 
+def _axes_by_kind(transitions: Transitions) -> tuple[list[int], list[int]]:
+    """(axes with a time-varying [T, n, n] matrix, axes with a time-invariant [n, n] one)."""
+    return [a for a, m in enumerate(transitions) if m.ndim == 3], [a for a, m in enumerate(transitions) if m.ndim == 2]
+
+
 def _expected_counts(
     transitions: Transitions, forward: FilterPosterior, step_weights: Array
 ) -> tuple[Float[Array, "T ..."], tuple[Array, ...]]:
@@ -150,15 +155,13 @@ def _expected_counts(
     so that beta needs no concatenation and the inputs no slice; it applies the merged
     time-invariant matrices (``merge_invariant_axes``).
     """
-    varying = [axis for axis, m in enumerate(transitions) if m.ndim == 3]
+    varying, invariant = _axes_by_kind(transitions)
     if len(varying) > 1:
         raise NotImplementedError("expected counts support at most one time-varying factor")
-    invariant = [axis for axis, m in enumerate(transitions) if m.ndim == 2]
     scaled, normalisers = forward.scaled_likelihoods, forward.normalisers
     shape, size = scaled.shape[1:], math.prod(scaled.shape[1:])
     merged_shape, merged = merge_invariant_axes(transitions, shape)
-    merged_varying = [axis for axis, m in enumerate(merged) if m.ndim == 3]
-    merged_invariant = [axis for axis, m in enumerate(merged) if m.ndim == 2]
+    merged_varying, merged_invariant = _axes_by_kind(merged)
 
     def _step(beta, inputs):
         b_t, c_t, matrices_t = inputs

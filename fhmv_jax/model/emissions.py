@@ -150,7 +150,6 @@ def component_log_densities(
     return normalisers[None, :, :, None] + scale_term - 0.5 * (nu + spec.num_features) * log_ratio, log_ratio
 
 
-
 def log_sum_exp(values: Array, axis: int) -> Array:
     """log sum_k exp(values) along ``axis`` for finite values, as one max and one sum.
 
