@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._compile import fast_jit
 from .._types import Array, Scalar
 from ..model.fhmv import FHMV
 from ..model.params import natural_parameters
@@ -91,8 +92,13 @@ def _em_step(model: FHMV, y: Array, x: Array | None, mask: Array, prior: Covaria
     return FHMV(model.spec, params), info
 
 
-em_step = eqx.filter_jit(_em_step)
-_em_step_restarts = eqx.filter_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None)))
+def _has_volatility_states(model: FHMV, *args) -> bool:
+    """Whether the ECM step has [T, G, K, V] passes with V > 1, where ``fast_jit``'s options pay off."""
+    return model.spec.num_volatility_states > 1
+
+
+em_step = fast_jit(_em_step, _has_volatility_states)
+_em_step_restarts = fast_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None)), _has_volatility_states)
 
 
 def _objective(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior) -> StepInfo:
@@ -104,8 +110,8 @@ def _objective(model: FHMV, y: Array, x: Array | None, mask: Array, prior: Covar
     return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.params, prior))
 
 
-_objective_single = eqx.filter_jit(_objective)
-_objective_restarts = eqx.filter_jit(eqx.filter_vmap(_objective, in_axes=(0, None, None, None, None)))
+_objective_single = fast_jit(_objective, _has_volatility_states)
+_objective_restarts = fast_jit(eqx.filter_vmap(_objective, in_axes=(0, None, None, None, None)), _has_volatility_states)
 
 
 def stack_models(models: list[FHMV]) -> FHMV:
