@@ -50,7 +50,7 @@ class fast_jit:
     call is repeated with the default compilation, which is then used from there on.
     """
 
-    def __init__(self, fn: Callable, wanted: Callable[..., bool] = lambda *args, **kwargs: True):
+    def __init__(self, fn: Callable, wanted: Callable[..., bool]):
         self._fn = fn
         self._wanted = wanted
         self._plain = eqx.filter_jit(fn)

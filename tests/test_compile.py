@@ -74,13 +74,13 @@ def test_a_failed_library_fusion_falls_back_to_the_default_compilation():
         calls.append(args)
         raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: Instruction with unsupported layout in YNN fusion")
 
-    doubled = _compile.fast_jit(lambda a: 2 * a)
+    doubled = _compile.fast_jit(lambda a: 2 * a, lambda a: True)
     doubled.tuned = failing
     np.testing.assert_array_equal(doubled(jnp.arange(3.0)), [0.0, 2.0, 4.0])
     np.testing.assert_array_equal(doubled(jnp.arange(2.0)), [0.0, 2.0])
     assert len(calls) == 1, "after one failure the default compilation is used from then on"
 
-    other = _compile.fast_jit(lambda a: a)
+    other = _compile.fast_jit(lambda a: a, lambda a: True)
     other.tuned = lambda *args: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"))
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         other(jnp.ones(2))
