@@ -1,4 +1,7 @@
-"""Block-wise sums over time and the helpers that keep the ECM step lean on CPU."""
+"""The blocked E-step and the helpers that keep the ECM step lean on CPU."""
+
+import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -9,25 +12,21 @@ from helpers import random_natural
 from scipy.special import logsumexp
 
 import fhmv_jax
-from fhmv_jax.em import blocks
 from fhmv_jax.em.m_step import CovariancePrior, m_step
-from fhmv_jax.em.stats import batch_e_step
+from fhmv_jax.em.stats import batch_e_step, e_step
+from fhmv_jax.inference import blocked
 from fhmv_jax.inference._ops import merge_invariant_axes, propagate
-from fhmv_jax.model.emissions import log_sum_exp
+from fhmv_jax.model.emissions import inverse_cholesky, log_sum_exp
+from fhmv_jax.model.params import cholesky_factor
+
+m_step_module = importlib.import_module("fhmv_jax.em.m_step")
 
 
-@pytest.mark.parametrize("num_steps, block_steps", [(10, 4), (12, 4), (3, 4), (7, 1)])
-def test_block_sums_count_every_step_once(rng, num_steps, block_steps):
-    values = rng.normal(size=(num_steps, 3))
-    other = rng.normal(size=num_steps)
-
-    def fn(rows, weights):
-        a, b = rows
-        return {"a": jnp.sum(a * weights[:, None], axis=0), "ab": jnp.sum(a[:, 0] * b * weights)}
-
-    got = blocks.sum_over_time_blocks(fn, (jnp.asarray(values), jnp.asarray(other)), block_steps=block_steps)
-    np.testing.assert_allclose(got["a"], values.sum(0), rtol=1e-12)
-    np.testing.assert_allclose(got["ab"], np.sum(values[:, 0] * other), rtol=1e-12)
+@pytest.mark.parametrize("num_steps, block_steps", [(10, 4), (12, 4), (3, 4), (7, 1), (100000, 1024)])
+def test_block_layout_covers_every_step_with_little_padding(num_steps, block_steps):
+    num_blocks, size = blocked.block_layout(num_steps, block_steps)
+    assert size <= block_steps
+    assert num_steps <= num_blocks * size < num_steps + num_blocks
 
 
 def test_log_sum_exp_matches_scipy(rng):
@@ -70,10 +69,32 @@ def test_small_blocks_give_the_same_ecm_step(rng, monkeypatch, name):
         stats = jax.jit(lambda p: batch_e_step(spec, p, y, x, mask))(model.params)
         return stats, jax.jit(lambda p, s: m_step(spec, p, s, y, x, CovariancePrior()))(model.params, stats)
 
+    monkeypatch.setattr(blocked, "BLOCK_STEPS", 10**6)
     whole_stats, whole = step()
-    monkeypatch.setattr(blocks, "BLOCK_STEPS", 7)
-    blocked_stats, blocked = step()
-    for field in ("component_counts", "scale_weights", "first_moments", "second_moments", "dof_terms"):
-        np.testing.assert_allclose(getattr(blocked_stats, field), getattr(whole_stats, field), rtol=1e-11, atol=1e-12)
-    for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
+    monkeypatch.setattr(blocked, "BLOCK_STEPS", 7)
+    blocked_stats, blocked_step = step()
+    fields = ("log_likelihood", "component_counts", "scale_weights", "first_moments", "second_moments", "dof_terms",
+              "transitions", "initial", "leverage_pairwise", "state_moments", "regime_volatility")
+    for field in fields:
+        for got, want in zip(jax.tree.leaves(getattr(blocked_stats, field)), jax.tree.leaves(getattr(whole_stats, field))):
+            np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
+    for got, want in zip(jax.tree.leaves(blocked_step), jax.tree.leaves(whole)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("spec", [TINY_SPECS["markov"], dataclasses.replace(TINY_SPECS["family-mask-gaussian"],
+                                                                           leverage="markov", gaussian=False)])
+def test_volatility_loads_from_state_moments_equal_the_loads_from_data(rng, spec):
+    """The scale update's loads sum_t tau E[W] delta'(y_t) under new means and covariances, from the
+    per-sub-state moments, equal those recomputed step by step from the observations."""
+    old = fhmv_jax.FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
+    new = fhmv_jax.FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
+    sample = old.sample(jax.random.key(3), 60, x=jnp.asarray(rng.normal(scale=0.5, size=60)))
+    y, x = sample.observations, sample.driver
+    stats = jax.jit(lambda p: e_step(spec, p, y, x, jnp.ones(60, bool)))(old.params)
+    inv_chol = inverse_cholesky(cholesky_factor(new.params.chol_raw))
+    from_moments = m_step_module._state_loads(spec, stats.state_moments, new.params.means - old.params.means, inv_chol)
+    from_data = m_step_module._step_loads(spec, old.params, new.params.means, inv_chol, y, x, stats.regime_volatility)
+    assert len(from_moments) == len(from_data) == (1 if spec.scale_mask is None else 2)
+    for got, want in zip(from_moments, from_data):
+        np.testing.assert_allclose(got, np.sum(want, axis=0), rtol=1e-10)

@@ -16,7 +16,7 @@ from .._types import Array, Scalar
 from ..model.fhmv import FHMV
 from ..model.params import natural_parameters
 from .m_step import CovariancePrior, log_prior, m_step
-from .stats import batch_e_step, padded_forward
+from .stats import batch_e_step, sequence_log_likelihood
 
 
 class StepInfo(NamedTuple):
@@ -105,7 +105,7 @@ def _objective(model: FHMV, y: Array, x: Array | None, mask: Array, prior: Covar
     natural = natural_parameters(model.spec, model.params)
 
     def sequence(yb, xb, mb):
-        return padded_forward(model.spec, model.params, natural, yb, xb, mb)[2].marginal_loglik
+        return sequence_log_likelihood(model.spec, model.params, natural, yb, xb, mb)
 
     return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.params, prior))
 

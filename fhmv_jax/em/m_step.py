@@ -30,8 +30,7 @@ from ..model import emissions, factors
 from ..model.fhmv import log_scales
 from ..model.params import FHMVParams, cholesky_factor, jump_transition_matrix, logit, natural_parameters, safe_log
 from ..model.spec import ModelSpec
-from .blocks import sum_emission_blocks
-from .stats import SequenceStats, component_posteriors, scale_exponents
+from .stats import SequenceStats, StateMoments, moments_about, component_posteriors, scale_exponents, sequence_terms
 
 _NEWTON_STEPS = 3
 _STEP_SIZES = 0.5 ** jnp.arange(5)
@@ -187,13 +186,7 @@ def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, p
     shift = jnp.where(has_mass[..., None], jnp.linalg.solve(safe_system, rhs[..., None])[..., 0], 0.0)
     means = params.means + shift
 
-    scatter = (
-        S_e
-        - jnp.einsum("egkd,gkf->egkdf", m_e, shift)
-        - jnp.einsum("gkd,egkf->egkdf", shift, m_e)
-        + jnp.einsum("egk,gkd,gkf->egkdf", n_e, shift, shift)
-    )
-    scatter = jnp.einsum("exy,egkxy->gkxy", patterns, scatter)
+    scatter = jnp.einsum("exy,egkxy->gkxy", patterns, moments_about(n_e, m_e, S_e, shift)[2])
     covariance = (scatter + prior.ridge * eye) / (counts + prior.count)[..., None, None]
     covariance = 0.5 * (covariance + jnp.swapaxes(covariance, -1, -2))
     chol = jnp.linalg.cholesky(covariance)
@@ -214,44 +207,58 @@ def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, p
     return eqx.tree_at(lambda p: p.dof_raw, updated, logit((dof - low) / (high - low)))
 
 
+def _quadratic_patterns(spec: ModelSpec, inv_chol: Array) -> Float[Array, "Q G K D D"]:
+    """Matrices of the quadratic forms in delta'(s) that scale with s: Sigma^{-1} without a scale mask, else
+    Sigma^{-1} * P_e for the patterns of s^{-1} and s^{-1/2} (see ``emissions.mask_patterns``)."""
+    precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
+    patterns = emissions.mask_patterns(spec.scale_mask, spec.num_features, inv_chol.dtype)[:2]
+    return precision[None] * patterns[:, None, None]
+
+
+def _state_loads(spec: ModelSpec, moments: StateMoments, shift: Array, inv_chol: Array) -> list[Array]:
+    """Per quadratic form, [V] sum_t tau E[W] delta'_q (y_t - mu') from moments about mu = mu' - ``shift``."""
+    scatter = moments_about(moments.weights, moments.first, moments.second, shift)[2]
+    return list(jnp.einsum("qgkxy,vgkxy->qv", _quadratic_patterns(spec, inv_chol), scatter))
+
+
+def _step_loads(spec: ModelSpec, old: FHMVParams, means: Array, inv_chol: Array, y: Array, x: Array | None,
+                gamma: Float[Array, "T G V"]) -> list[Array]:
+    """Per quadratic form, [T, V] sum_{g,k} tau E[W] delta'_q(y_t) under the E-step's model ``old``."""
+    old_natural = natural_parameters(spec, old)
+    terms = sequence_terms(spec, old, old_natural, y, x)
+    _, block = terms.terms_of(terms.inputs)
+    new = emissions.mahalanobis_terms(y, means, inv_chol, spec.scale_mask)
+    tau, expected_w, _ = component_posteriors(spec, old_natural, block, gamma)
+    quadratic = [new.scaled] if new.cross is None else [new.scaled, 2 * new.cross]
+    return [jnp.sum(tau * expected_w * q[..., None], axis=(1, 2)) for q in quadratic]
+
+
 def scale_update(
     spec: ModelSpec, old: FHMVParams, params: FHMVParams, stats: SequenceStats, y: Array, x: Array | None
 ) -> FHMVParams:
     """Maximise Q_s = -sum tau [ (D_s / 2) log s + E[W] delta'(s) / 2 ] over the magnitude parameters.
 
     tau and E[W] are those of the E-step's model ``old``; delta'(s) uses the new means and
-    covariances of ``params``. ``stats`` keeps its leading sequence axis.
+    covariances of ``params``. ``stats`` keeps its leading sequence axis. With time-invariant
+    scales the loads sum_t tau E[W] delta' per sub-state follow from ``stats.state_moments``;
+    otherwise they are recomputed per step from the data.
     """
     start = _present(params, _SCALE_FIELDS)
     if not start:
         return params
     inv_chol = emissions.inverse_cholesky(cholesky_factor(params.chol_raw))
-    old_natural = natural_parameters(spec, old)
-
-    def loads_of(emission, yb, gamma):
-        new = emissions.mahalanobis_terms(yb, params.means, inv_chol, spec.scale_mask)
-        tau, expected_w, _ = component_posteriors(spec, old, old_natural, emission, gamma)
-        quadratic = [new.scaled] if new.cross is None else [new.scaled, 2 * new.cross]
-        return [jnp.sum(tau * expected_w * q[..., None], axis=(1, 2)) for q in quadratic]
-
-    def summed_loads(emission, yb, gamma):
-        return sum_emission_blocks(
-            lambda rows, y_rows, gamma_rows, weights: [
-                jnp.sum(load, axis=0) for load in loads_of(rows, y_rows, gamma_rows * weights[:, None, None])
-            ],
-            emission,
-            yb,
-            gamma,
+    time_varying = stats.state_moments is None
+    if time_varying:
+        loads = jax.vmap(lambda yb, xb, gamma: _step_loads(spec, old, params.means, inv_chol, yb, xb, gamma))(
+            y, x, stats.regime_volatility
         )
-
-    time_varying = spec.leverage == "predictable"
-    loads = jax.vmap(loads_of if time_varying else summed_loads)(stats.emission, y, stats.regime_volatility)
+        counts = stats.state_counts
+    else:
+        moments = _summed(stats, "state_moments")
+        loads = _state_loads(spec, moments, params.means - old.means, inv_chol)
+        counts = moments.counts
     exponents = scale_exponents(spec)[: len(loads)]
-    counts = stats.state_counts
     half_dim = 0.5 * spec.num_scaled_features
-    if not time_varying:
-        loads = [jnp.sum(load, axis=0) for load in loads]
-        counts = jnp.sum(counts, axis=(0, 1))
 
     def objective(values):
         natural = natural_parameters(spec, _with(params, values))

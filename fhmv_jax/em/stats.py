@@ -7,6 +7,7 @@ posteriors of the valid steps exact, and are masked out of every statistic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -14,11 +15,31 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma
 
 from .._types import Array, Bool, Float, Scalar
-from ..inference import FilterPosterior, backward_pass, forward_filter
-from ..model.fhmv import EmissionTerms, chain_arrays, component_terms, emission_terms
-from ..model.params import FHMVParams, natural_parameters
+from ..inference.blocked import Likelihoods, blocked_log_likelihood, expected_statistics
+from ..model import emissions
+from ..model.emissions import MahalanobisTerms
+from ..model.fhmv import ComponentTerms, chain_arrays, component_terms, log_scales
+from ..model.params import FHMVParams, cholesky_factor, natural_parameters
 from ..model.spec import ModelSpec
-from .blocks import sum_emission_blocks
+
+
+class StateMoments(NamedTuple):
+    """Sums per volatility sub-state v, about the E-step's means mu_{g,k} (for time-invariant scales).
+
+    From them follow the moments of any scales s_v (``SequenceStats.scale_weights`` etc. are their
+    sums weighted by s_v^{-e}) and the volatility loads of new means and covariances.
+
+    Attributes:
+        counts: [V] sum_t P(vol. state v | y).
+        weights: [V, G, K] sum_t tau_t(g, k, v) E[W].
+        first: [V, G, K, D] sum_t tau E[W] (y_t - mu_{g,k}).
+        second: [V, G, K, D, D] sum_t tau E[W] (y_t - mu)(y_t - mu)^T.
+    """
+
+    counts: Float[Array, " V"]
+    weights: Float[Array, "V G K"]
+    first: Float[Array, "V G K D"]
+    second: Float[Array, "V G K D D"]
 
 
 class SequenceStats(NamedTuple):
@@ -36,11 +57,11 @@ class SequenceStats(NamedTuple):
         first_moments: [E, G, K, D] sum_t omega^e_t (y_t - mu_{g,k}).
         second_moments: [E, G, K, D, D] sum_t omega^e_t (y_t - mu)(y_t - mu)^T.
         dof_terms: [G, K] sum_{t,v} tau (E[log W] - E[W]).
+        state_moments: the same sums per volatility sub-state (``StateMoments``) when the
+            scales do not vary in time, else ``None``.
         state_counts: [T, V] sum_{g,k} tau = sum_g gamma (responsibilities sum to one): the
             weight of each volatility sub-state.
         regime_volatility: [T, G, V] gamma_t(g, v) = P(R_t = g, vol. state v | y) (zero on padding).
-        emission: the ``EmissionTerms`` of the E-step's model, from which tau and E[W] are
-            recomputed (never stored per (t, g, k, v)).
     """
 
     log_likelihood: Scalar
@@ -52,9 +73,9 @@ class SequenceStats(NamedTuple):
     first_moments: Float[Array, "E G K D"]
     second_moments: Float[Array, "E G K D D"]
     dof_terms: Float[Array, "G K"]
+    state_moments: StateMoments | None
     state_counts: Float[Array, "T V"]
     regime_volatility: Float[Array, "T G V"]
-    emission: EmissionTerms
 
 
 def scale_exponents(spec: ModelSpec) -> tuple[float, ...]:
@@ -74,17 +95,51 @@ def latent_weights(
     return (nu + D) / (nu + delta), digamma((nu + D) / 2) - jnp.log(nu / 2) - log_ratio
 
 
+class BlockTerms(NamedTuple):
+    """Emission terms of L steps, as expressions that XLA fuses into their consumers.
+
+    Attributes:
+        log_scale: [L, V] (or [1, V]) log s_t(v).
+        mahalanobis: quadratic forms of y_t - mu_{g,k}, each [L, G, K].
+        components: the ``ComponentTerms``, [L, G, K, V].
+        shift: [L] m_t, the largest weighted component log-density of the step.
+        scaled_components: [L, G, K, V] w_{g,k} t_D(y_t; ...) / exp(m_t), in [0, 1].
+        scaled: [L, G, V] b_t(g, v) / exp(m_t) = sum_k ``scaled_components``.
+    """
+
+    log_scale: Array
+    mahalanobis: MahalanobisTerms
+    components: ComponentTerms
+    shift: Float[Array, " L"]
+    scaled_components: Float[Array, "L G K V"]
+    scaled: Float[Array, "L G V"]
+
+
+def block_terms(
+    spec: ModelSpec, params: FHMVParams, natural: dict, inv_chol: Array, y: Float[Array, "L D"], log_scale: Array
+) -> BlockTerms:
+    """``BlockTerms`` of L steps (``inv_chol``: U^{-1} of every component, computed once outside any loop)."""
+    mahalanobis = emissions.mahalanobis_terms(y, params.means, inv_chol, spec.scale_mask)
+    components = component_terms(spec, params, natural, mahalanobis, log_scale)
+    shift = jax.lax.stop_gradient(jnp.max(components.weighted_log_dens, axis=(1, 2, 3)))
+    scaled_components = jnp.exp(components.weighted_log_dens - shift[:, None, None, None])
+    return BlockTerms(log_scale, mahalanobis, components, shift, scaled_components, jnp.sum(scaled_components, axis=2))
+
+
 def component_posteriors(
-    spec: ModelSpec, params: FHMVParams, natural: dict, emission: EmissionTerms, gamma: Float[Array, "T G V"]
+    spec: ModelSpec, natural: dict, terms: BlockTerms, gamma: Float[Array, "L G V"]
 ) -> tuple[Array, Array, Array]:
-    """tau = gamma * rho, E[W] and E[log W], each [T, G, K, V], as elementwise expressions.
+    """tau = gamma * rho, E[W] and E[log W], each [L, G, K, V], as elementwise expressions.
 
     Meant to be consumed by reductions inside jit, where XLA fuses them instead of storing
-    them; rho = exp(log w + log t_D - log b) is computed in log space, so outliers never fall
-    back to uniform responsibilities.
+    them. rho = (w_k t_D / exp(m_t)) / (b / exp(m_t)) with the step's largest term m_t, so
+    outliers never fall back to uniform responsibilities; a state whose scaled likelihood
+    underflows has gamma = 0 in the filter as well.
     """
-    comp = component_terms(spec, params, natural, emission.mahalanobis, emission.log_scale)
-    tau = gamma[:, :, None, :] * jnp.exp(comp.weighted_log_dens - emission.log_emissions[:, :, None, :])
+    usable = terms.scaled > 0
+    weight = jnp.where(usable, gamma / jnp.where(usable, terms.scaled, 1.0), 0.0)
+    tau = weight[:, :, None, :] * terms.scaled_components
+    comp = terms.components
     expected_w, expected_log_w = latent_weights(spec, natural.get("dof"), comp.delta, comp.log_ratio)
     return tau, expected_w, expected_log_w
 
@@ -92,19 +147,24 @@ def component_posteriors(
 class ComponentSums(NamedTuple):
     """Sums over time of the per-(t, g, k, v) posteriors; moments about a reference point.
 
+    The moment weights are indexed by w: the volatility sub-state v (omega^v = tau E[W]) when the
+    scales do not vary in time, else the exponent e (omega^e = sum_v tau E[W] s^{-e}).
+
     Attributes:
         component_counts: [G, K] sum tau.
         dof_terms: [G, K] sum tau (E[log W] - E[W]).
-        scale_weights: [E, G, K] sum omega^e, omega^e_t(g, k) = sum_v tau E[W] s^{-e}.
-        first_moments: [E, G, K, D] sum omega^e z_t.
-        second_moments: [E, G, K, D, D] sum omega^e z_t z_t^T.
+        weights: [W, G, K] sum omega^w.
+        first: [W, G, K, D] sum omega^w z_t.
+        second: [W, G, K, D, D] sum omega^w z_t z_t^T.
+        state_counts: [V] sum gamma.
     """
 
     component_counts: Float[Array, "G K"]
     dof_terms: Float[Array, "G K"]
-    scale_weights: Float[Array, "E G K"]
-    first_moments: Float[Array, "E G K D"]
-    second_moments: Float[Array, "E G K D D"]
+    weights: Float[Array, "W G K"]
+    first: Float[Array, "W G K D"]
+    second: Float[Array, "W G K D D"]
+    state_counts: Float[Array, " V"]
 
 
 def _sum_over_last_axis(operands: tuple[Array, ...]) -> tuple[Array, ...]:
@@ -116,37 +176,42 @@ def _sum_over_last_axis(operands: tuple[Array, ...]) -> tuple[Array, ...]:
 
 
 def component_sums(
-    spec: ModelSpec,
-    params: FHMVParams,
-    natural: dict,
-    emission: EmissionTerms,
-    gamma: Float[Array, "T G V"],
-    centred: Float[Array, "T D"],
+    spec: ModelSpec, natural: dict, terms: BlockTerms, gamma: Float[Array, "L G V"], centred: Float[Array, "L D"]
 ) -> ComponentSums:
-    """tau, E[W] and E[log W] summed into the ECM statistics (``centred``: observations minus a
-    reference point; steps where gamma is zero carry no weight), block by block over time."""
+    """tau, E[W] and E[log W] of L steps summed into the ECM statistics (``centred``: observations minus a
+    reference point; steps where gamma is zero carry no weight)."""
+    tau, expected_w, expected_log_w = component_posteriors(spec, natural, terms, gamma)
+    if terms.log_scale.shape[0] == 1:
+        per_component, dof_terms = _sum_over_last_axis((tau, tau * (expected_log_w - expected_w)))
+        omega = tau * expected_w
+    else:
+        scaled = tuple(tau * expected_w * jnp.exp(-e * terms.log_scale)[:, None, None, :] for e in scale_exponents(spec))
+        *per_exponent, per_component, dof_terms = _sum_over_last_axis((*scaled, tau, tau * (expected_log_w - expected_w)))
+        omega = jnp.stack(per_exponent, axis=-1)
+    outer = centred[:, :, None] * centred[:, None, :]
+    return ComponentSums(
+        component_counts=jnp.sum(per_component, axis=0),
+        dof_terms=jnp.sum(dof_terms, axis=0),
+        weights=jnp.einsum("tgkw->wgk", omega),
+        first=jnp.einsum("tgkw,td->wgkd", omega, centred),
+        second=jnp.einsum("tgkw,tdf->wgkdf", omega, outer),
+        state_counts=jnp.sum(gamma, axis=(0, 1)),
+    )
 
-    def block(emission_rows, gamma_rows, centred_rows, weights):
-        tau, expected_w, expected_log_w = component_posteriors(
-            spec, params, natural, emission_rows, gamma_rows * weights[:, None, None]
-        )
-        scaled = tuple(
-            tau * expected_w * jnp.exp(-e * emission_rows.log_scale)[:, None, None, :] for e in scale_exponents(spec)
-        )
-        *per_exponent, per_component, dof_terms = _sum_over_last_axis(
-            (*scaled, tau, tau * (expected_log_w - expected_w))
-        )
-        omega = jnp.stack(per_exponent)
-        outer = centred_rows[:, :, None] * centred_rows[:, None, :]
-        return ComponentSums(
-            component_counts=jnp.sum(per_component, axis=0),
-            dof_terms=jnp.sum(dof_terms, axis=0),
-            scale_weights=jnp.sum(omega, axis=1),
-            first_moments=jnp.einsum("etgk,td->egkd", omega, centred_rows),
-            second_moments=jnp.einsum("etgk,tdf->egkdf", omega, outer),
-        )
 
-    return sum_emission_blocks(block, emission, gamma, centred)
+def moments_about(
+    weights: Array, first: Array, second: Array, offset: Float[Array, "G K D"]
+) -> tuple[Array, Array, Array]:
+    """Moments [W, G, K, ...] about a reference point re-expressed about reference + ``offset`` [G, K, D]."""
+    offset = offset[None]
+    first_about = first - weights[..., None] * offset
+    second_about = (
+        second
+        - first[..., :, None] * offset[..., None, :]
+        - offset[..., :, None] * first[..., None, :]
+        + weights[..., None, None] * offset[..., :, None] * offset[..., None, :]
+    )
+    return weights, first_about, second_about
 
 
 def _factor_marginals(joint: Array) -> tuple[Array, ...]:
@@ -154,20 +219,52 @@ def _factor_marginals(joint: Array) -> tuple[Array, ...]:
     return tuple(jnp.sum(joint, axis=tuple(a for a in axes if a != axis)) for axis in axes)
 
 
-def padded_forward(
-    spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None, mask: Bool[Array, " T"]
-) -> tuple[tuple[Array, ...], EmissionTerms, FilterPosterior]:
-    """Forward filter over a sequence padded at its end: padded steps get log b = 0 (uninformative),
-    which leaves the log-likelihood and the posteriors of the valid steps exact.
+class SequenceTerms(NamedTuple):
+    """What the forward and backward passes over one sequence need from the model.
 
-    Returns:
-        (transitions, emission terms with the padded log b zeroed, the forward posterior).
+    Attributes:
+        initial: [*state_shape] law of h_1.
+        transitions: one matrix per factor axis.
+        log_scale: [T, V] (or [1, V] when it does not vary in time) log s_t(v).
+        inputs: per-step inputs of the blocks, leading axis T (y, and log s when it varies in time).
+        terms_of: block inputs -> (y rows, ``BlockTerms`` of the rows).
+        likelihoods: block inputs -> ([L, *state_shape] b / exp(m_t), [L] m_t), from ``terms_of``.
     """
+
+    initial: Array
+    transitions: tuple[Array, ...]
+    log_scale: Array
+    inputs: object
+    terms_of: Callable[[object], tuple[Array, BlockTerms]]
+    likelihoods: Likelihoods
+
+
+def sequence_terms(spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None) -> SequenceTerms:
+    """The chain arrays of one sequence and its emission terms as functions of a block of steps."""
     initial, transitions = chain_arrays(spec, natural, x)
-    emission = emission_terms(spec, params, natural, y, x)
-    emission = emission._replace(log_emissions=emission.log_emissions * mask.astype(y.dtype)[:, None, None])
-    log_b = emission.log_emissions.reshape((y.shape[0],) + spec.state_shape)
-    return transitions, emission, forward_filter(initial, transitions, log_b)
+    log_scale = log_scales(spec, natural, x)
+    inv_chol = emissions.inverse_cholesky(cholesky_factor(params.chol_raw))
+    varying = log_scale.shape[0] != 1
+
+    def terms_of(rows):
+        y_rows, scale_rows = rows if varying else (rows, log_scale)
+        return y_rows, block_terms(spec, params, natural, inv_chol, y_rows, scale_rows)
+
+    def likelihoods(rows):
+        y_rows, terms = terms_of(rows)
+        return terms.scaled.reshape((y_rows.shape[0],) + spec.state_shape), terms.shift
+
+    return SequenceTerms(initial, transitions, log_scale, (y, log_scale) if varying else y, terms_of, likelihoods)
+
+
+def sequence_log_likelihood(
+    spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None, mask: Bool[Array, " T"]
+) -> Scalar:
+    """log p(y) of the valid steps of one sequence padded at its end."""
+    terms = sequence_terms(spec, params, natural, y, x)
+    return blocked_log_likelihood(
+        terms.initial, terms.transitions, terms.likelihoods, terms.inputs, mask
+    )
 
 
 def e_step(
@@ -189,39 +286,42 @@ def e_step(
     Returns:
         ``SequenceStats``.
     """
-    T = y.shape[0]
     G = spec.num_regimes
     valid = mask.astype(y.dtype)
     natural = natural_parameters(spec, params)
-    transitions, emission, forward = padded_forward(spec, params, natural, y, x, mask)
-    betas, pairwise = backward_pass(transitions, forward, step_weights=valid[1:])
-    smoothed = forward.filtered_probs * betas  # alpha_hat_t * beta_hat_t sums to one over the states
-    gamma = smoothed.reshape(T, G, -1) * valid[:, None, None]
+    terms = sequence_terms(spec, params, natural, y, x)
     reference = jnp.sum(y * valid[:, None], axis=0) / jnp.sum(valid)
-    sums = component_sums(spec, params, natural, emission, gamma, y - reference[None, :])
-    shifted_means = params.means - reference[None, None, :]
-    n_e, first_raw, second_raw = sums.scale_weights, sums.first_moments, sums.second_moments
-    first = first_raw - n_e[..., None] * shifted_means[None]
-    second = (
-        second_raw
-        - first_raw[..., :, None] * shifted_means[None, :, :, None, :]
-        - shifted_means[None, :, :, :, None] * first_raw[..., None, :]
-        + n_e[..., None, None] * shifted_means[None, :, :, :, None] * shifted_means[None, :, :, None, :]
-    )
 
+    def reduce(rows, smoothed):
+        y_rows, block = terms.terms_of(rows)
+        return component_sums(spec, natural, block, smoothed.reshape(y_rows.shape[0], G, -1), y_rows - reference[None, :])
+
+    posterior = expected_statistics(
+        terms.initial, terms.transitions, terms.likelihoods, terms.inputs, mask, reduce
+    )
+    sums = posterior.sums
+    moments = moments_about(sums.weights, sums.first, sums.second, params.means - reference[None, None, :])
+    state_moments = None
+    if terms.log_scale.shape[0] == 1:
+        state_moments = StateMoments(sums.state_counts, *moments)
+        inverse_scales = jnp.exp(-jnp.asarray(scale_exponents(spec), y.dtype)[:, None] * terms.log_scale)
+        moments = tuple(jnp.tensordot(inverse_scales, m, axes=1) for m in moments)
+    n_e, first, second = moments
+
+    smoothed = posterior.smoothed
     return SequenceStats(
-        log_likelihood=forward.marginal_loglik,
-        initial=_factor_marginals(smoothed[0] / jnp.sum(smoothed[0])),
-        transitions=tuple(jnp.sum(p, axis=0) if p.ndim == 3 else p for p in pairwise),
-        leverage_pairwise=pairwise[-1] if spec.leverage == "markov" else None,
+        log_likelihood=posterior.log_likelihood,
+        initial=_factor_marginals(posterior.initial / jnp.sum(posterior.initial)),
+        transitions=tuple(jnp.sum(p, axis=0) if p.ndim == 3 else p for p in posterior.counts),
+        leverage_pairwise=posterior.counts[-1] if spec.leverage == "markov" else None,
         component_counts=sums.component_counts,
         scale_weights=n_e,
         first_moments=first,
         second_moments=second,
         dof_terms=sums.dof_terms,
-        state_counts=jnp.sum(gamma, axis=1),
-        regime_volatility=gamma,
-        emission=emission,
+        state_moments=state_moments,
+        state_counts=jnp.sum(smoothed.reshape(y.shape[0], G, -1), axis=1),
+        regime_volatility=smoothed.reshape(y.shape[0], G, -1),
     )
 
 

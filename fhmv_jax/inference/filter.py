@@ -48,16 +48,33 @@ def forward_filter(
     scaled, shift = scaled_likelihoods(log_likelihoods)
     shape, merged = merge_invariant_axes(transitions, initial_probs.shape)
     next_step = tuple(jnp.roll(m, -1, axis=0) for m in time_varying(merged))
+    _, filtered, normalisers = filter_scan(initial_probs.reshape(shape), merged, scaled.reshape((-1,) + shape), next_step)
+    filtered = filtered.reshape(scaled.shape)
+    marginal_loglik = jnp.sum(jnp.log(normalisers)) + jnp.sum(shift)
+    return FilterPosterior(marginal_loglik, filtered, scaled, normalisers)
+
+
+def filter_scan(
+    predicted: Array, transitions: Transitions, scaled: Float[Array, "L ..."], next_matrices: tuple[Array, ...]
+) -> tuple[Array, Float[Array, "L ..."], Float[Array, " L"]]:
+    """The scaled forward recursion over L consecutive steps.
+
+    Args:
+        predicted: [*shape] P(h_t | y_{1:t-1}) at the first step.
+        transitions: one matrix per axis; the time-varying ones are taken from ``next_matrices``.
+        scaled: [L, *shape] scaled likelihoods of the steps.
+        next_matrices: each time-varying matrix at the step after each step, [L, n, n].
+
+    Returns:
+        (the predicted law of the step after the last, filtered [L, *shape], normalisers [L]).
+    """
 
     def _step(predicted, inputs):
         b_t, matrices_next = inputs
         joint = predicted * b_t
         normaliser = jnp.sum(joint)
         filtered = joint / normaliser
-        return propagate(filtered, at_step(merged, matrices_next)), (filtered, normaliser)
+        return propagate(filtered, at_step(transitions, matrices_next)), (filtered, normaliser)
 
-    steps = (scaled.reshape((-1,) + shape), next_step)
-    _, (filtered, normalisers) = jax.lax.scan(_step, initial_probs.reshape(shape), steps, unroll=UNROLL)
-    filtered = filtered.reshape(scaled.shape)
-    marginal_loglik = jnp.sum(jnp.log(normalisers)) + jnp.sum(shift)
-    return FilterPosterior(marginal_loglik, filtered, scaled, normalisers)
+    predicted, (filtered, normalisers) = jax.lax.scan(_step, predicted, (scaled, next_matrices), unroll=UNROLL)
+    return predicted, filtered, normalisers
