@@ -29,6 +29,12 @@ def test_block_layout_covers_every_step_with_little_padding(num_steps, block_ste
     assert num_steps <= num_blocks * size < num_steps + num_blocks
 
 
+def test_default_block_steps_scale_inversely_with_the_states(monkeypatch):
+    assert [blocked.default_block_steps(s) for s in (96, 16, 1, 10**6)] == [1024, 8192, 2**17, 1]
+    monkeypatch.setattr(blocked, "BLOCK_STEPS", 7)
+    assert blocked.default_block_steps(96) == 7
+
+
 def test_log_sum_exp_matches_scipy(rng):
     values = rng.normal(scale=50.0, size=(5, 3, 4, 2))
     for axis in range(values.ndim):

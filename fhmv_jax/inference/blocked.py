@@ -31,8 +31,13 @@ from ._ops import (
 )
 from .filter import filter_scan
 
-BLOCK_STEPS = 1024
-"""Default steps per block: a block's [L, S] messages then stay in the per-core cache on CPU."""
+BLOCK_STATE_STEPS = 2**17
+"""Steps x states per block by default (rounded down to a power of two in steps): 1024 steps for the
+default 96-state model, whose [L, S] messages then stay in the per-core cache on CPU, and 8192 for a
+16-state HMM (measured best, docs/benchmarks.md)."""
+
+BLOCK_STEPS: int | None = None
+"""Steps per block if set, overriding ``BLOCK_STATE_STEPS``."""
 
 Likelihoods = Callable[[object], tuple[Array, Array]]
 """Maps the inputs of L consecutive steps (a pytree with leading axis L) to ([L, *shape] p(y_t | h_t) / exp(m_t),
@@ -59,10 +64,14 @@ class ExpectedStatistics(NamedTuple):
     sums: object
 
 
-def block_layout(num_steps: int, block_steps: int | None = None) -> tuple[int, int]:
-    """(number of blocks, steps per block): blocks of at most ``block_steps`` (default ``BLOCK_STEPS``)
-    steps that cover ``num_steps`` with less than one padded step per block."""
-    block_steps = block_steps or BLOCK_STEPS
+def default_block_steps(num_states: int) -> int:
+    """``BLOCK_STEPS`` if set, else the power of two nearest below ``BLOCK_STATE_STEPS / num_states``."""
+    return BLOCK_STEPS or 1 << max((BLOCK_STATE_STEPS // num_states).bit_length() - 1, 0)
+
+
+def block_layout(num_steps: int, block_steps: int) -> tuple[int, int]:
+    """(number of blocks, steps per block): blocks of at most ``block_steps`` steps that cover
+    ``num_steps`` with less than one padded step per block."""
     num_blocks = -(-num_steps // min(block_steps, num_steps))
     return num_blocks, -(-num_steps // num_blocks)
 
@@ -165,7 +174,7 @@ class _Layout(NamedTuple):
 
     @classmethod
     def of(cls, initial_probs, transitions, inputs, mask, block_steps) -> _Layout:
-        num_blocks, size = block_layout(mask.shape[0], block_steps)
+        num_blocks, size = block_layout(mask.shape[0], block_steps or default_block_steps(initial_probs.size))
         merged_shape, merged = merge_invariant_axes(transitions, initial_probs.shape)
         varying = time_varying(merged)
         return cls(
@@ -232,7 +241,7 @@ def expected_statistics(
         mask: [T] valid steps.
         reduce: (block inputs, [L, *shape] smoothed marginals, zero outside the mask) -> a pytree
             of sums over the block's steps.
-        block_steps: at most this many steps per block (default ``BLOCK_STEPS``).
+        block_steps: at most this many steps per block (default ``default_block_steps``).
     """
     shape, dtype = initial_probs.shape, initial_probs.dtype
     num_steps, num_states = mask.shape[0], math.prod(shape)
