@@ -17,7 +17,6 @@ from jax.scipy.special import digamma
 from .._types import Array, Bool, Float, Scalar
 from ..inference.blocked import Likelihoods, blocked_log_likelihood, expected_statistics
 from ..model import emissions
-from ..model.emissions import MahalanobisTerms
 from ..model.fhmv import ComponentTerms, chain_arrays, component_terms, log_scales
 from ..model.params import FHMVParams, cholesky_factor, natural_parameters
 from ..model.spec import ModelSpec
@@ -100,7 +99,6 @@ class BlockTerms(NamedTuple):
 
     Attributes:
         log_scale: [L, V] (or [1, V]) log s_t(v).
-        mahalanobis: quadratic forms of y_t - mu_{g,k}, each [L, G, K].
         components: the ``ComponentTerms``, [L, G, K, V].
         shift: [L] m_t, the largest weighted component log-density of the step.
         scaled_components: [L, G, K, V] w_{g,k} t_D(y_t; ...) / exp(m_t), in [0, 1].
@@ -108,7 +106,6 @@ class BlockTerms(NamedTuple):
     """
 
     log_scale: Array
-    mahalanobis: MahalanobisTerms
     components: ComponentTerms
     shift: Float[Array, " L"]
     scaled_components: Float[Array, "L G K V"]
@@ -123,7 +120,7 @@ def block_terms(
     components = component_terms(spec, params, natural, mahalanobis, log_scale)
     shift = jax.lax.stop_gradient(jnp.max(components.weighted_log_dens, axis=(1, 2, 3)))
     scaled_components = jnp.exp(components.weighted_log_dens - shift[:, None, None, None])
-    return BlockTerms(log_scale, mahalanobis, components, shift, scaled_components, jnp.sum(scaled_components, axis=2))
+    return BlockTerms(log_scale, components, shift, scaled_components, jnp.sum(scaled_components, axis=2))
 
 
 def component_posteriors(
@@ -308,7 +305,7 @@ def e_step(
         moments = tuple(jnp.tensordot(inverse_scales, m, axes=1) for m in moments)
     n_e, first, second = moments
 
-    smoothed = posterior.smoothed
+    gamma = posterior.smoothed.reshape(y.shape[0], G, -1)
     return SequenceStats(
         log_likelihood=posterior.log_likelihood,
         initial=_factor_marginals(posterior.initial / jnp.sum(posterior.initial)),
@@ -320,8 +317,8 @@ def e_step(
         second_moments=second,
         dof_terms=sums.dof_terms,
         state_moments=state_moments,
-        state_counts=jnp.sum(smoothed.reshape(y.shape[0], G, -1), axis=1),
-        regime_volatility=smoothed.reshape(y.shape[0], G, -1),
+        state_counts=jnp.sum(gamma, axis=1),
+        regime_volatility=gamma,
     )
 
 

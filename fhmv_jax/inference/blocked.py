@@ -6,8 +6,7 @@ forward pass keeps only the filtered probabilities; the backward pass then runs 
 blocks in reverse order, recomputes each block's likelihoods from the caller's inputs, and
 reduces the block's messages and likelihood terms before the next block. The scan outputs,
 the likelihoods and everything derived from them exist for one block at a time (a few MB,
-cache-resident) instead of as [T, S] arrays, and the likelihood terms the caller's
-reduction shares with log b are computed once per block.
+cache-resident) instead of as [T, S] arrays.
 """
 
 from __future__ import annotations
@@ -139,13 +138,12 @@ def _counts_from_gram(gram: Array, transitions: Transitions, axis: int) -> Float
 
 
 def _varying_pairwise(
-    transitions: Transitions, axis: int, matrices: Float[Array, "L n n"], alpha_prev: Array, weighted: Array
+    others: Array, axis: int, matrices: Float[Array, "L n n"], alpha_prev: Array, weighted: Array
 ) -> Float[Array, "L n n"]:
     """Per-step xi_t(a, b) of the time-varying factor: alpha_{t-1} moved forward along the other (time-invariant)
-    axes by their Kronecker product (one matrix product, faster here than one per axis), contracted with r_t over
-    those axes, times P_t(a, b)."""
+    axes by ``others``, their Kronecker product (one matrix product, faster here than one per axis), contracted
+    with r_t over those axes, times P_t(a, b)."""
     steps, shape = alpha_prev.shape[0], alpha_prev.shape[1:]
-    others = functools.reduce(jnp.kron, [m for m in transitions if m.ndim == 2])
     left = jnp.moveaxis(alpha_prev, axis + 1, -1).reshape(steps, -1, shape[axis])
     right = jnp.moveaxis(weighted, axis + 1, -1).reshape(steps, -1, shape[axis])
     moved = jnp.swapaxes(jnp.swapaxes(left, 1, 2) @ others, 1, 2)
@@ -252,6 +250,7 @@ def expected_statistics(
     size, merged_shape, merged = layout.size, layout.merged_shape, layout.merged
     log_likelihood, filtered, normalisers = _forward_blocks(layout, likelihoods)
     before = jnp.concatenate([jnp.zeros_like(filtered[:1, 0]), filtered[:-1, -1]])
+    others = functools.reduce(jnp.kron, [transitions[a] for a in invariant]) if varying else None
 
     def backward_block(carry, rows):
         beta, totals = carry
@@ -264,7 +263,7 @@ def expected_statistics(
         gram = alpha_prev.reshape(size, num_states).T @ messages.reshape(size, num_states)
         sums = (gram, reduce(block_inputs, smoothed) if reduce else ())
         pairwise = tuple(
-            _varying_pairwise(transitions, axis, matrices[0], alpha_prev.reshape((size,) + shape), weighted.reshape((size,) + shape))
+            _varying_pairwise(others, axis, matrices[0], alpha_prev.reshape((size,) + shape), weighted.reshape((size,) + shape))
             for axis in varying
         )
         return (beta, jax.tree.map(jnp.add, totals, sums)), (smoothed, smoothed[0], pairwise)
