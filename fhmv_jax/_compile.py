@@ -8,14 +8,13 @@ Models without volatility sub-states have no such passes, and there the option c
 (a plain Gaussian-mixture HMM: 0.26 s -> 0.33 s), so ``em_step`` uses it only when V > 1.
 
 The option is experimental in XLA, so it is probed once, at the first compilation, and left
-out where this jaxlib does not know it or the backend is not a CPU. Set the environment
-variable ``FHMV_JAX_XLA_DEFAULTS=1`` to compile with XLA's defaults instead.
+out where this jaxlib does not know it or the backend is not a CPU. ``fit_em(tuned_compilation=False)``
+compiles with XLA's defaults instead (``fast_jit.plain``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import equinox as eqx
@@ -28,8 +27,8 @@ _FUSIONS = ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("INDIVIDUAL_DOT",
 
 @functools.cache
 def compiler_options() -> dict[str, str]:
-    """The options ``fast_jit`` compiles with: empty off CPU, when disabled, or when unsupported."""
-    if os.environ.get("FHMV_JAX_XLA_DEFAULTS") == "1" or jax.default_backend() != "cpu":
+    """The options ``fast_jit`` compiles with: empty off CPU or when unsupported."""
+    if jax.default_backend() != "cpu":
         return {}
     options = {_OPTION: _FUSIONS}
     try:
@@ -41,39 +40,30 @@ def compiler_options() -> dict[str, str]:
 
 class fast_jit:
     """``eqx.filter_jit(fn)`` compiled with ``compiler_options()`` when called at top level
-    with arguments for which ``wanted(*args)`` holds.
+    with arguments for which ``wanted(*args)`` holds; ``plain`` is ``eqx.filter_jit(fn)`` itself.
 
     The options are chosen at the first call, not at import (the probe initialises the
     backend). Inside another trace (a caller's ``jax.jit``, ``grad``, ``vmap``) the plain
-    ``eqx.filter_jit`` runs, since compiler options belong to the outermost compilation. If
-    XLA fails to build a YNNPACK fusion it was asked for (it rejects some layouts), the
-    call is repeated with the default compilation, which is then used from there on.
+    ``eqx.filter_jit`` runs, since compiler options belong to the outermost compilation.
     """
 
     def __init__(self, fn: Callable, wanted: Callable[..., bool]):
         self._fn = fn
         self._wanted = wanted
-        self._plain = eqx.filter_jit(fn)
+        self.plain = eqx.filter_jit(fn)
         functools.update_wrapper(self, fn)
 
     @functools.cached_property
     def tuned(self) -> Callable:
         options = compiler_options()
-        return eqx.filter_jit(self._fn, compiler_options=options) if options else self._plain
+        return eqx.filter_jit(self._fn, compiler_options=options) if options else self.plain
 
     def _choose(self, args, kwargs) -> Callable:
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
-        return self._plain if traced or not self._wanted(*args, **kwargs) else self.tuned
+        return self.plain if traced or not self._wanted(*args, **kwargs) else self.tuned
 
     def __call__(self, *args, **kwargs):
-        jitted = self._choose(args, kwargs)
-        try:
-            return jitted(*args, **kwargs)
-        except jax.errors.JaxRuntimeError as error:
-            if jitted is self._plain or "YNN" not in str(error):
-                raise
-            self.tuned = self._plain
-            return self._plain(*args, **kwargs)
+        return self._choose(args, kwargs)(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
         """Ahead-of-time lowering, as ``jax.jit(...).lower``."""

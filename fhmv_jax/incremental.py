@@ -230,7 +230,7 @@ class IncrementalTrainer:
         label_names: names the labels index (the model's ``regime_names`` metadata maps
             its regimes to them).
         triggers, retrain: settings.
-        log: called with each report's line (``None`` is silent).
+        log: called with each report's line (e.g. ``print``; the default is silent).
     """
 
     def __init__(
@@ -242,7 +242,7 @@ class IncrementalTrainer:
         label_names: Sequence[str] | None = None,
         triggers: TriggerSettings = TriggerSettings(),
         retrain: RetrainSettings = RetrainSettings(),
-        log: Callable[[str], None] | None = print,
+        log: Callable[[str], None] | None = None,
     ):
         if registry.current_version == 0:
             raise ValueError(f"the registry {registry.directory} has no deployed model")
@@ -330,8 +330,7 @@ class IncrementalTrainer:
     def _retrain(self, triggers, start) -> UpdateReport:
         window = self.history[-self.settings.window:]
         fit_rows, tail = window[: -self.settings.validation], window[-self.settings.validation:]
-        fit = fit_em(self.current.model, fit_rows, max_iters=self.settings.max_iters, tol=self.settings.tol,
-                     callback=None)
+        fit = fit_em(self.current.model, fit_rows, max_iters=self.settings.max_iters, tol=self.settings.tol)
         candidate = self.align(fit.model, fit_rows)
         current_score = mean_log_likelihood(self.current.model, tail)
         candidate_score = mean_log_likelihood(candidate, tail)

@@ -6,7 +6,8 @@ Layout of a model file (every integer unsigned little-endian)::
     format version    4 bytes
     header length     8 bytes
     header            UTF-8 JSON: format, format_version, library_version, spec, the layout
-                      (name, dtype, shape, offset, nbytes) of every parameter array, payload_nbytes
+                      (name, dtype, shape, offset, nbytes) of every parameter array (``raw_layout``:
+                      the parameter blocks' unconstrained fields, null where unused), payload_nbytes
                       and the caller's metadata
     header SHA-256    32 bytes, of everything before it
     payload           the parameter arrays' raw little-endian C-order bytes
@@ -36,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .model.fhmv import FHMV
-from .model.params import FHMVParams, raw_shapes
+from ._version import __version__
+from .model.fhmv import FHMV, raw_layout
 from .model.spec import ModelSpec
 
 MAGIC = b"FHMVJAX\x00"
@@ -98,31 +99,28 @@ def _spec_fields(spec: ModelSpec) -> dict:
     return {f.name: _as_lists(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
 
 
-def _encode_params(params: FHMVParams) -> tuple[list[dict], bytes]:
+def _encode_params(model: FHMV) -> tuple[list[dict], bytes]:
     """The header's parameter layout and the payload bytes."""
     layout, chunks, offset = [], [], 0
-    for field in dataclasses.fields(FHMVParams):
-        value = getattr(params, field.name)
+    for name, value in model.raw_arrays().items():
         if value is None:
-            layout.append({"name": field.name, "array": None})
+            layout.append({"name": name, "array": None})
             continue
         array = np.asarray(value)
         if array.dtype.name not in _DTYPES:
-            raise ValueError(f"params.{field.name} has dtype {array.dtype}; a model file holds {_DTYPES}")
+            raise ValueError(f"parameter {name} has dtype {array.dtype}; a model file holds {_DTYPES}")
         if not np.all(np.isfinite(array)):
-            raise ValueError(f"params.{field.name} has non-finite values; refusing to save a broken model")
+            raise ValueError(f"parameter {name} has non-finite values; refusing to save a broken model")
         data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
         entry = {"dtype": array.dtype.name, "shape": list(array.shape), "offset": offset, "nbytes": len(data)}
-        layout.append({"name": field.name, "array": entry})
+        layout.append({"name": name, "array": entry})
         chunks.append(data)
         offset += len(data)
     return layout, b"".join(chunks)
 
 
 def _encode(model: FHMV, metadata: dict) -> bytes:
-    from . import __version__
-
-    layout, payload = _encode_params(model.params)
+    layout, payload = _encode_params(model)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -281,16 +279,16 @@ def _read_array(name: str, entry: Any, shape: tuple[int, ...], payload: memoryvi
         raise ModelFileError(f"{path}: parameter {name} has non-finite values")
     if array.dtype == np.float64 and not jax.config.jax_enable_x64:
         raise ModelFileError(
-            f"{path}: parameter {name} is float64 but JAX float64 is disabled (jax_enable_x64); enable it to load"
-            " the model bit-identically, then cast with FHMV.astype"
+            f"{path}: parameter {name} is float64 but JAX float64 is disabled (jax_enable_x64); call"
+            " fhmv_jax.enable_x64() to load the model bit-identically, then cast with FHMV.astype"
         )
     return array
 
 
 def _read_params(header: dict, spec: ModelSpec, payload: memoryview, path) -> dict[str, np.ndarray | None]:
-    """Every ``FHMVParams`` field, checked against the spec's layout."""
+    """Every stored parameter array, checked against the spec's layout (``raw_layout``)."""
     entries = header.get("params")
-    layout = raw_shapes(spec)
+    layout = raw_layout(spec)
     names = [e.get("name") if isinstance(e, dict) else None for e in entries] if isinstance(entries, list) else None
     if names is None or sorted(map(str, names)) != sorted(layout):
         raise ModelFileError(f"{path}: the parameter layout lists {names}, expected the fields {list(layout)}")
@@ -330,7 +328,7 @@ def load(path: str | os.PathLike) -> SavedModel:
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{path} has metadata that is not a JSON object")
     try:
-        model = FHMV(spec, FHMVParams(**{k: None if a is None else jnp.asarray(a) for k, a in arrays.items()}))
+        model = FHMV.from_raw_arrays(spec, {k: None if a is None else jnp.asarray(a) for k, a in arrays.items()})
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{path}: the parameters do not fit the saved spec ({error})") from None
     return SavedModel(model, metadata, str(header.get("library_version")), version)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.signal import lfilter
 
-from .._checks import _non_finite_rows
+from ..validation import check_finite_rows
 
 
 def log_returns(prices, previous=None, axis: int = 0) -> np.ndarray:
@@ -148,7 +148,7 @@ class FeatureTransform(NamedTuple):
             )
         if raw.shape[-2] < (2 if carry is None else 1):
             raise ValueError(f"raw data has {raw.shape[-2]} rows; the first row is a warm-up, so at least 2 are needed")
-        _non_finite_rows("raw data", raw)
+        check_finite_rows("raw data", raw)
         if carry is not None:
             self._check_carry(carry, raw.shape[:-2])
         previous, rows = (raw[..., 0, :], raw[..., 1:, :]) if carry is None else (carry.last_raw, raw)
@@ -217,7 +217,7 @@ class Standardizer(NamedTuple):
             mask = np.asarray(mask)
             if mask.dtype != bool or mask.shape != y.shape[:-1]:
                 raise ValueError(f"mask must be boolean of shape {y.shape[:-1]}, got {mask.dtype} {mask.shape}")
-        _non_finite_rows("training data", y if mask is None else np.where(mask[..., None], y, 0.0))
+        check_finite_rows("training data", y if mask is None else np.where(mask[..., None], y, 0.0))
         rows = y.reshape(-1, y.shape[-1]) if mask is None else y[mask]
         if rows.shape[0] < 2:
             raise ValueError(f"a Standardizer needs at least 2 training rows, got {rows.shape[0]}")
@@ -235,7 +235,7 @@ class Standardizer(NamedTuple):
         y = np.asarray(y, dtype=np.float64)
         if y.shape[-1] != self.mean.shape[0]:
             raise ValueError(f"data has {y.shape[-1]} features but the Standardizer was fitted on {self.mean.shape[0]}")
-        _non_finite_rows("data", y)
+        check_finite_rows("data", y)
         return y
 
     def transform(self, y) -> np.ndarray:

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._checks import check_sequences
 from .._types import Array, Float, PRNGKeyArray
 from ..model.fhmv import FHMV
+from ..model.inputs import check_sequences
+from ..precision import warn_if_float32_on_cpu
 from .init import init_model
 from .loop import FitResult, IterationInfo, print_progress, run_em, stack_models
 from .m_step import CovariancePrior
@@ -33,7 +34,10 @@ def fit_em(
     covariance_prior_count: float = 1e-2,
     split_merge_rounds: int = 0,
     split_merge_iters: int = 10,
-    callback: Callable[[IterationInfo], None] | None = print_progress,
+    callback: Callable[[IterationInfo], None] | None = None,
+    verbose: bool = False,
+    block_steps: int | None = None,
+    tuned_compilation: bool = True,
 ) -> FitResult:
     """Fit every parameter by ECM (MODEL.md sections 4-6).
 
@@ -58,7 +62,14 @@ def fit_em(
             most, or are most alike, merged; another split) runs ``split_merge_iters`` iterations vmapped, and the best is continued
             to convergence only if it ends above the current penalised log-likelihood; the
             rounds stop at the first that finds no better candidate. Needs G >= 3.
-        callback: called with an ``IterationInfo`` after every iteration; ``None`` is silent.
+        callback: called with an ``IterationInfo`` after every iteration (e.g. to drive a progress bar).
+        verbose: print a line per iteration (when no ``callback`` is given) and one per accepted
+            split-merge move; the default is silent.
+        block_steps: steps per block of the E-step's forward-backward pass (default: 2^17 / S
+            rounded down to a power of two, measured best on CPU); any value gives the same result.
+        tuned_compilation: on CPU, compile the ECM step's elementwise fusions with YNNPACK (about 15%
+            faster, docs/benchmarks.md); ``False`` compiles with XLA's defaults, e.g. for a jaxlib
+            that rejects one of those fusions.
 
     Returns:
         ``FitResult``.
@@ -73,12 +84,16 @@ def fit_em(
             f"max_iters and num_restarts must be >= 1 and split_merge_rounds >= 0, got {max_iters},"
             f" {num_restarts} and {split_merge_rounds}"
         )
-    spec, dtype = model.spec, model.params.dtype
+    spec, dtype = model.spec, model.dtype
     if split_merge_rounds and spec.num_regimes < 3:
         raise ValueError(f"split-merge moves need at least 3 regimes, the spec has {spec.num_regimes}")
     y, x, mask = check_sequences(spec, y, x, lengths, dtype=dtype)
+    warn_if_float32_on_cpu(dtype, "fit_em")
     prior = CovariancePrior(jnp.asarray(covariance_ridge, dtype), jnp.asarray(covariance_prior_count, dtype))
-    run = partial(run_em, y=y, x=x, mask=mask, prior=prior, tol=tol)
+    if callback is None and verbose:
+        callback = print_progress
+    run = partial(run_em, y=y, x=x, mask=mask, prior=prior, tol=tol, block_steps=block_steps,
+                  tuned_compilation=tuned_compilation)
     if num_restarts > 1:
         if key is None:
             raise ValueError("num_restarts > 1 needs a PRNG key for the new initialisations")
@@ -88,14 +103,15 @@ def fit_em(
     else:
         fit = run(model, max_iters=max_iters, callback=callback)
     for _ in range(split_merge_rounds):
-        moved = _split_merge_round(fit, run, max_iters, split_merge_iters, callback)
+        moved = _split_merge_round(fit, run, max_iters, split_merge_iters, callback, verbose)
         if moved is None:
             break
         fit = moved
     return fit
 
 
-def _split_merge_round(fit: FitResult, run: Callable, max_iters: int, trial_iters: int, callback) -> FitResult | None:
+def _split_merge_round(fit: FitResult, run: Callable, max_iters: int, trial_iters: int, callback,
+                       verbose: bool) -> FitResult | None:
     """Try every split-merge candidate of ``fit.model`` for ``trial_iters`` iterations (vmapped); if the
     best ends above the current objective, continue it to convergence and return the joined result."""
     model = fit.model
@@ -105,7 +121,7 @@ def _split_merge_round(fit: FitResult, run: Callable, max_iters: int, trial_iter
     if trial.objectives[-1] <= fit.objectives[-1]:
         return None
     move = moves[int(np.argmax(trial.restart_objectives))]
-    if callback is print_progress:
+    if verbose:
         print_split_merge(move, fit.objectives[-1], trial.objectives[-1])
     rest = run(trial.model, max_iters=max_iters, callback=callback)
     record = SplitMerge(*move, iteration=len(fit.objectives) - 1, objective_before=float(fit.objectives[-1]),

@@ -9,14 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._checks import check_sequences
 from .._types import Array, PRNGKeyArray
-from ..model import factors
-from ..model.fhmv import FHMV, chain_arrays
+from ..model.fhmv import FHMV, block_classes, initial_law, smoother, volatility_log_scales
+from ..model.inputs import check_sequences
 from ..model.spec import ModelSpec
 from .loop import run_em, stack_models
 from .m_step import CovariancePrior
-from .stats import batch_e_step
 
 _MAX_KMEANS_POINTS = 50_000
 INIT_METHODS = ("kmeans", "hmm")
@@ -88,8 +86,8 @@ def reduced_hmm_spec(spec: ModelSpec) -> ModelSpec:
 @eqx.filter_jit
 def _smoothed_regimes(model: FHMV, y: Array, mask: Array) -> Array:
     """[B, T] most probable regime of every step under the smoothed posterior."""
-    gamma = batch_e_step(model.spec, model.params, y, None, mask).regime_volatility
-    return jnp.argmax(jnp.sum(gamma, axis=-1), axis=-1)
+    smoothed = jax.vmap(lambda yb, mb: smoother(model, yb, None, mb).smoothed)(y, mask)
+    return jnp.argmax(jnp.sum(smoothed, axis=tuple(range(3, smoothed.ndim))), axis=-1)
 
 
 def _hmm_regimes(key: PRNGKeyArray, spec: ModelSpec, y: Array, mask: Array, points: Array, num_seeds: int,
@@ -121,21 +119,10 @@ def _component_clusters(key: PRNGKeyArray, points: Array, spec: ModelSpec, regim
     return jax.vmap(_within)(jax.random.split(key, spec.num_regimes), membership)
 
 
-def _mean_scale(spec: ModelSpec, natural: dict) -> float:
+def _mean_scale(model: FHMV) -> float:
     """E[s] under the law of h_1 (chains uniform, jump stationary, Markov leverage uniform; L_t = 1)."""
-    initial, _ = chain_arrays(spec, natural, jnp.zeros(1))
-    volatility_law = jnp.sum(initial, axis=0).reshape(-1)
-    return float(volatility_law @ jnp.exp(factors.log_volatility_scales(spec, natural)))
-
-
-def _initial_jump(spec: ModelSpec, q: float) -> np.ndarray:
-    M = spec.num_jump_states
-    law = np.concatenate([[1 - q], np.full(M - 1, q / (M - 1))])
-    if spec.jump_mode == "markov":
-        q_back = 0.5
-        return np.array([[1 - q, q], [q_back, 1 - q_back]])
-    phi = 0.0 if spec.jump_mode == "iid" else 0.5
-    return phi * np.eye(M) + (1 - phi) * law[None, :]
+    volatility_law = jnp.sum(initial_law(model), axis=0).reshape(-1)
+    return float(volatility_law @ jnp.exp(volatility_log_scales(model)))
 
 
 def init_model(
@@ -161,9 +148,10 @@ def init_model(
 
     Means and covariances come from the clusters (covariances divided by the mean
     volatility scale, so that the mixture over sub-states matches the data's spread);
-    weights uniform, nu = 10, A = 0.95 on the diagonal, p = 0.98, q = 0.05 (q_back = 0.5),
-    c_1 = 2, m_1 = 3, theta = 0.5, l_1 = 1.5 (Markov leverage; 0.5 predictable), Markov
-    leverage logits giving 0.9 persistence.
+    weights uniform, nu = 10; the chains and magnitudes start at each block's ``start`` values
+    (MODEL.md 6): A = 0.95 on the diagonal, p = 0.98, q = 0.05 (q_back = 0.5), c_1 = 2, m_1 = 3,
+    theta = 0.5, l_1 = 1.5 (Markov leverage; 0.5 predictable), Markov leverage logits giving
+    0.9 persistence.
 
     Args:
         key: PRNG key for k-means.
@@ -216,35 +204,13 @@ def _partition_start(key: PRNGKeyArray, spec: ModelSpec, points: Array, regime_o
     pooled = np.cov(np.asarray(points).T).reshape(D, D)
     covariances = (covariances * counts + pooled) / (counts + 1)
 
-    natural = {
-        "initial_regime": np.full(G, 1 / G),
-        "regime_transition": np.full((G, G), 0.05 / max(G - 1, 1)) + np.eye(G) * (0.95 - 0.05 / max(G - 1, 1))
-        if G > 1
-        else np.ones((1, 1)),
-        "weights": np.full((G, K), 1 / K),
-        "means": np.asarray(centres),
-    }
-    c1, theta, m1, q = 2.0, 0.5, 3.0, 0.05
+    natural = {name: value for slot, block in block_classes(spec).items() if block is not None and slot != "emission"
+               for name, value in block.start(spec).items()}
+    natural |= {"weights": np.full((G, K), 1 / K), "means": np.asarray(centres)}
     if not spec.gaussian:
         natural["dof"] = np.full((G, K), 10.0)
-    if spec.num_chains:
-        natural |= {"persistence_stay": np.full(spec.num_chains, 0.98), "c1": c1}
-    if spec.num_chains >= 2:
-        natural["theta_c"] = theta
-    if spec.has_jumps:
-        natural |= {"jump_transition": _initial_jump(spec, q), "m1": m1}
-    if spec.num_jump_states >= 3:
-        natural["theta_m"] = theta
-    if spec.leverage != "none":
-        natural["l1"] = 1.5 if spec.leverage == "markov" else 0.5
-    if spec.leverage == "predictable" and spec.num_leverage_lags >= 2:
-        natural["theta_l"] = theta
-    if spec.leverage == "markov":
-        logits = np.zeros((2, 2, 2))
-        logits[0, :, 1] = [-np.log(9.0), np.log(9.0)]
-        natural["leverage_logits"] = logits
-    mean_scale = _mean_scale(spec, natural)
+    covariances = covariances.reshape(G, K, D, D)
+    mean_scale = _mean_scale(FHMV.from_natural_parameters(spec, **natural, covariances=covariances))
     mask = np.ones(D) if spec.scale_mask is None else np.asarray(spec.scale_mask, float)
     unscale = mean_scale ** (-mask / 2)
-    natural["covariances"] = (covariances * unscale[:, None] * unscale[None, :]).reshape(G, K, D, D)
-    return FHMV.from_natural_parameters(spec, **natural)
+    return FHMV.from_natural_parameters(spec, **natural, covariances=covariances * unscale[:, None] * unscale[None, :])

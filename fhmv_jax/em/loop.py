@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import inference
 from .._compile import fast_jit
 from .._types import Array, Scalar
-from ..model.fhmv import FHMV
-from ..model.params import natural_parameters
+from ..model.fhmv import FHMV, sequence_inputs
 from .m_step import CovariancePrior, log_prior, m_step
-from .stats import batch_e_step, sequence_log_likelihood
+from .stats import batch_e_step
 
 
 class StepInfo(NamedTuple):
@@ -69,49 +69,53 @@ class IterationInfo(NamedTuple):
 
 
 def print_progress(info: IterationInfo) -> None:
-    """Default progress line; pass ``callback=None`` to ``fit_em`` to silence it."""
+    """A progress line per iteration (``fit_em(verbose=True)``)."""
     gain = "" if info.iteration == 0 else f"  gain/step {info.gain_per_step:+.3e}"
     best = f" (best of {info.num_restarts} restarts)" if info.num_restarts > 1 else ""
     print(f"EM iter {info.iteration:3d}  log-lik {info.log_likelihood:.6f}{gain}  {info.seconds:.2f}s{best}", flush=True)
 
 
-def _em_step(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior) -> tuple[FHMV, StepInfo]:
+def _em_step(
+    model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None
+) -> tuple[FHMV, StepInfo]:
     """One ECM iteration on padded sequences (``em_step`` is this, jitted once per shape).
 
     Args:
         model: the current model.
         y: [B, T, D] observations, padding zeroed; x: [B, T] driver or None; mask: [B, T] valid steps.
         prior: the covariance prior.
+        block_steps: steps per block of the forward-backward pass (default: by the state count).
 
     Returns:
         (new model, ``StepInfo`` of the input model).
     """
-    stats = batch_e_step(model.spec, model.params, y, x, mask)
-    params = m_step(model.spec, model.params, stats, y, x, prior)
-    info = StepInfo(jnp.sum(stats.log_likelihood), log_prior(model.params, prior))
-    return FHMV(model.spec, params), info
+    stats = batch_e_step(model, y, x, mask, block_steps=block_steps)
+    info = StepInfo(jnp.sum(stats.log_likelihood), log_prior(model.emission, prior))
+    return m_step(model, stats, prior), info
 
 
-def _has_volatility_states(model: FHMV, *args) -> bool:
+def _has_volatility_states(model: FHMV, *args, **kwargs) -> bool:
     """Whether the ECM step has [T, G, K, V] passes with V > 1, where ``fast_jit``'s options pay off."""
     return model.spec.num_volatility_states > 1
 
 
 em_step = fast_jit(_em_step, _has_volatility_states)
-_em_step_restarts = fast_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None)), _has_volatility_states)
+_em_step_restarts = fast_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None, None)), _has_volatility_states)
 
 
-def _objective(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior) -> StepInfo:
-    natural = natural_parameters(model.spec, model.params)
-
+def _objective(
+    model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None
+) -> StepInfo:
     def sequence(yb, xb, mb):
-        return sequence_log_likelihood(model.spec, model.params, natural, yb, xb, mb)
+        s = sequence_inputs(model, yb, xb)
+        return inference.log_likelihood(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mb,
+                                        block_steps=block_steps)
 
-    return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.params, prior))
+    return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.emission, prior))
 
 
 _objective_single = fast_jit(_objective, _has_volatility_states)
-_objective_restarts = fast_jit(eqx.filter_vmap(_objective, in_axes=(0, None, None, None, None)), _has_volatility_states)
+_objective_restarts = fast_jit(eqx.filter_vmap(_objective, in_axes=(0, None, None, None, None, None)), _has_volatility_states)
 
 
 def stack_models(models: list[FHMV]) -> FHMV:
@@ -135,6 +139,8 @@ def run_em(
     tol: float,
     callback: Callable[[IterationInfo], None] | None,
     stacked: bool = False,
+    block_steps: int | None = None,
+    tuned_compilation: bool = True,
 ) -> FitResult:
     """The ECM iterations on checked, padded sequences, until the gain per step is below ``tol``.
 
@@ -143,7 +149,7 @@ def run_em(
             parameter) run vmapped, of which the best final objective is returned.
         y: [B, T, D] (padding zeroed); x: [B, T] or None; mask: [B, T] valid steps.
         prior: the covariance prior.
-        max_iters, tol, callback: as in ``fit_em``.
+        max_iters, tol, callback, block_steps, tuned_compilation: as in ``fit_em``.
 
     Returns:
         ``FitResult`` of the best start.
@@ -151,17 +157,19 @@ def run_em(
     Raises:
         RuntimeError: the penalised log-likelihood decreased beyond rounding (a bug).
     """
-    dtype = model.params.dtype
+    dtype = model.dtype
     num_steps = int(mask.sum())
     step, evaluate = (_em_step_restarts, _objective_restarts) if stacked else (em_step, _objective_single)
+    if not tuned_compilation:
+        step, evaluate = step.plain, evaluate.plain
     log_liks, objectives = [], []
     converged = False
     start = time.perf_counter()
     for iteration in range(max_iters + 1):
         if iteration < max_iters:
-            new_model, info = step(model, y, x, mask, prior)
+            new_model, info = step(model, y, x, mask, prior, block_steps)
         else:
-            info = evaluate(model, y, x, mask, prior)
+            info = evaluate(model, y, x, mask, prior, block_steps)
         log_lik = np.atleast_1d(np.asarray(info.log_likelihood, np.float64))
         objective = log_lik + np.atleast_1d(np.asarray(info.log_prior, np.float64))
         if objectives:

@@ -26,11 +26,12 @@ from jax.flatten_util import ravel_pytree
 from jax.scipy.special import digamma, xlogy
 
 from .._types import Array, Float
-from ..model import emissions, factors
-from ..model.fhmv import log_scales
-from ..model.params import FHMVParams, cholesky_factor, jump_transition_matrix, logit, natural_parameters, safe_log
-from ..model.spec import ModelSpec
-from .stats import SequenceStats, StateMoments, moments_about, component_posteriors, scale_exponents, sequence_terms
+from ..model import emissions
+from ..model.emissions import StudentTMixture
+from ..model.factors import JumpChain, MarkovLeverage, PersistenceChains, RegimeChain, jump_stationary_law
+from ..model.fhmv import FHMV, initial_shocks, log_scales, volatility_log_scales
+from ..model.params import logit, safe_log
+from .stats import ComponentStats, LeverageStats, SequenceStats, StateMoments, StepMoments, moments_about, scale_exponents
 
 _NEWTON_STEPS = 3
 _STEP_SIZES = 0.5 ** jnp.arange(5)
@@ -94,50 +95,32 @@ def _normalised_rows(counts: Array, fallback: Array) -> Array:
     return jnp.where(totals > 0, counts / jnp.where(totals > 0, totals, 1.0), fallback)
 
 
-def regime_update(params: FHMVParams, initial: Array, counts: Array) -> FHMVParams:
+def regime_update(regime: RegimeChain, initial: Array, counts: Array) -> RegimeChain:
     """pi = E[1{R_1 = g}] (averaged over sequences); A = expected transition counts, normalised."""
-    natural_A = jax.nn.softmax(params.transition_logits, axis=-1)
-    return eqx.tree_at(
-        lambda p: (p.initial_logits, p.transition_logits),
-        params,
-        (safe_log(initial / jnp.sum(initial)), safe_log(_normalised_rows(counts, natural_A))),
-    )
+    return RegimeChain(safe_log(initial / jnp.sum(initial)),
+                       safe_log(_normalised_rows(counts, regime.step_matrices(None)[0])))
 
 
-def persistence_update(spec: ModelSpec, params: FHMVParams, counts: tuple[Array, ...]) -> FHMVParams:
+def persistence_update(chains: PersistenceChains, counts: tuple[Array, ...]) -> PersistenceChains:
     """p_n = expected stays / expected transitions of chain n (pooled over chains when tied)."""
     stacked = jnp.stack(counts)
     stays = jnp.trace(stacked, axis1=-2, axis2=-1)
     totals = jnp.sum(stacked, axis=(-2, -1))
-    if spec.tied_persistence:
+    if chains.tied:
         stays, totals = jnp.sum(stays, keepdims=True), jnp.sum(totals, keepdims=True)
-    old = jax.nn.sigmoid(params.persistence_raw)
+    old = jax.nn.sigmoid(chains.persistence_raw)
     p = jnp.where(totals > 0, stays / jnp.where(totals > 0, totals, 1.0), old)
-    return eqx.tree_at(lambda q: q.persistence_raw, params, logit(p))
+    return chains.replace(persistence_raw=logit(p))
 
 
-_JUMP_FIELDS = ("jump_q_raw", "jump_back_raw", "jump_phi_raw")
-_SCALE_FIELDS = ("c1_raw", "theta_c_raw", "m1_raw", "theta_m_raw", "l1_raw", "theta_l_raw")
-
-
-def _present(params: FHMVParams, names: tuple[str, ...]) -> dict[str, Array]:
-    return {n: getattr(params, n) for n in names if getattr(params, n) is not None}
-
-
-def _with(params: FHMVParams, values: dict[str, Array]) -> FHMVParams:
-    names = tuple(values)
-    return eqx.tree_at(lambda p: tuple(getattr(p, n) for n in names), params, tuple(values[n] for n in names))
-
-
-def jump_update(spec: ModelSpec, params: FHMVParams, initial: Array, counts: Array) -> FHMVParams:
-    """Maximise sum_ij n_ij log P_ij + sum_j gamma^J_1(j) log pi^J_j over the jump parameters."""
+def jump_update(jump: JumpChain, initial: Array, counts: Array) -> JumpChain:
+    """Maximise sum_ij n_ij log P_ij + sum_j gamma^J_1(j) log pi^J_j over the jump chain's transition parameters."""
 
     def objective(values):
-        matrix = jump_transition_matrix(spec, _with(params, values))
-        law = factors.jump_stationary_law(matrix)
-        return jnp.sum(xlogy(counts, matrix)) + jnp.sum(xlogy(initial, law))
+        matrix = jump.replace(**values).transition()
+        return jnp.sum(xlogy(counts, matrix)) + jnp.sum(xlogy(initial, jump_stationary_law(matrix)))
 
-    return _with(params, newton_ascent(objective, _present(params, _JUMP_FIELDS)))
+    return jump.replace(**newton_ascent(objective, jump.present(JumpChain.transition_fields)))
 
 
 def solve_dof(mean_terms: Array, low: float, high: float) -> Array:
@@ -161,7 +144,7 @@ def solve_dof(mean_terms: Array, low: float, high: float) -> Array:
     return jnp.clip(jnp.exp(0.5 * (lo + hi)), low, high)
 
 
-def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, prior: CovariancePrior) -> FHMVParams:
+def emission_update(mixture: StudentTMixture, stats: ComponentStats, prior: CovariancePrior) -> StudentTMixture:
     """Weights, means, covariances and degrees of freedom from statistics summed over sequences.
 
     Moments are about the current means mu_0; with Lambda_t = diag(s_t^{a/2}) the mean solves
@@ -169,22 +152,22 @@ def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, p
     mu = mu_0 + m_1 / n_1 without a scale mask; then
     Sigma = (sum_e P_e * S_e(mu) + ridge * I) / (n + count).
     """
-    dtype = params.means.dtype
-    D = spec.num_features
-    counts = stats.component_counts
-    weights = _normalised_rows(counts, jax.nn.softmax(params.log_weights, axis=-1))
+    dtype = mixture.means.dtype
+    D = mixture.num_features
+    counts = stats.counts
+    weights = _normalised_rows(counts, mixture.weights())
 
     eye = jnp.broadcast_to(jnp.eye(D, dtype=dtype), counts.shape + (D, D))
-    patterns = emissions.mask_patterns(spec.scale_mask, D, dtype)
-    n_e, m_e, S_e = stats.scale_weights, stats.first_moments, stats.second_moments
-    inv_chol = emissions.inverse_cholesky(cholesky_factor(params.chol_raw))
+    patterns = emissions.mask_patterns(mixture.scale_mask, D, dtype)
+    n_e, m_e, S_e = stats.scale_weights, stats.first, stats.second
+    inv_chol = emissions.inverse_cholesky(mixture.cholesky())
     precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
     system = precision * jnp.einsum("exy,egk->gkxy", patterns, n_e)
     rhs = jnp.einsum("gkxy,exy,egky->gkx", precision, patterns, m_e)
     has_mass = n_e[0] > jnp.finfo(dtype).tiny * 1e10
     safe_system = jnp.where(has_mass[..., None, None], system, eye)
     shift = jnp.where(has_mass[..., None], jnp.linalg.solve(safe_system, rhs[..., None])[..., 0], 0.0)
-    means = params.means + shift
+    means = mixture.means + shift
 
     scatter = jnp.einsum("exy,egkxy->gkxy", patterns, moments_about(n_e, m_e, S_e, shift)[2])
     covariance = (scatter + prior.ridge * eye) / (counts + prior.count)[..., None, None]
@@ -195,88 +178,79 @@ def emission_update(spec: ModelSpec, params: FHMVParams, stats: SequenceStats, p
     chol_raw = jnp.tril(jnp.where(usable[..., None, None], chol, 0.0), -1) + jnp.where(
         usable[..., None], log_diag, 0.0
     )[..., None] * eye
-    chol_raw = jnp.where(usable[..., None, None], chol_raw, params.chol_raw)
+    chol_raw = jnp.where(usable[..., None, None], chol_raw, mixture.chol_raw)
 
-    updated = eqx.tree_at(lambda p: (p.log_weights, p.means, p.chol_raw), params, (safe_log(weights), means, chol_raw))
-    if spec.gaussian:
+    updated = mixture.replace(log_weights=safe_log(weights), means=means, chol_raw=chol_raw)
+    if mixture.gaussian:
         return updated
-    low, high = spec.dof_bounds
-    old_dof = natural_parameters(spec, params)["dof"]
+    low, high = mixture.dof_bounds
     safe_counts = jnp.where(counts > 0, counts, 1.0)
-    dof = jnp.where(counts > 0, solve_dof(stats.dof_terms / safe_counts, low, high), old_dof)
-    return eqx.tree_at(lambda p: p.dof_raw, updated, logit((dof - low) / (high - low)))
+    dof = jnp.where(counts > 0, solve_dof(stats.dof_terms / safe_counts, low, high), mixture.dof())
+    return updated.replace(dof_raw=logit((dof - low) / (high - low)))
 
 
-def _quadratic_patterns(spec: ModelSpec, inv_chol: Array) -> Float[Array, "Q G K D D"]:
+def _quadratic_patterns(mixture: StudentTMixture, inv_chol: Array) -> Float[Array, "Q G K D D"]:
     """Matrices of the quadratic forms in delta'(s) that scale with s: Sigma^{-1} without a scale mask, else
     Sigma^{-1} * P_e for the patterns of s^{-1} and s^{-1/2} (see ``emissions.mask_patterns``)."""
     precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
-    patterns = emissions.mask_patterns(spec.scale_mask, spec.num_features, inv_chol.dtype)[:2]
+    patterns = emissions.mask_patterns(mixture.scale_mask, mixture.num_features, inv_chol.dtype)[:2]
     return precision[None] * patterns[:, None, None]
 
 
-def _state_loads(spec: ModelSpec, moments: StateMoments, shift: Array, inv_chol: Array) -> list[Array]:
+def state_loads(mixture: StudentTMixture, moments: StateMoments, shift: Array, inv_chol: Array) -> list[Array]:
     """Per quadratic form, [V] sum_t tau E[W] delta'_q (y_t - mu') from moments about mu = mu' - ``shift``."""
     scatter = moments_about(moments.weights, moments.first, moments.second, shift)[2]
-    return list(jnp.einsum("qgkxy,vgkxy->qv", _quadratic_patterns(spec, inv_chol), scatter))
+    return list(jnp.einsum("qgkxy,vgkxy->qv", _quadratic_patterns(mixture, inv_chol), scatter))
 
 
-def _step_loads(spec: ModelSpec, old: FHMVParams, means: Array, inv_chol: Array, y: Array, x: Array | None,
-                gamma: Float[Array, "T G V"]) -> list[Array]:
-    """Per quadratic form, [T, V] sum_{g,k} tau E[W] delta'_q(y_t) under the E-step's model ``old``."""
-    old_natural = natural_parameters(spec, old)
-    terms = sequence_terms(spec, old, old_natural, y, x)
-    _, block = terms.terms_of(terms.inputs)
-    new = emissions.mahalanobis_terms(y, means, inv_chol, spec.scale_mask)
-    tau, expected_w, _ = component_posteriors(spec, old_natural, block, gamma)
+def step_loads(mixture: StudentTMixture, moments: StepMoments, inv_chol: Array) -> list[Array]:
+    """Per quadratic form, [T, V] sum_{g,k} tau E[W] delta'_q(y_t) under ``mixture``'s means and covariances."""
+    new = emissions.mahalanobis_terms(moments.observations, mixture.means, inv_chol, mixture.scale_mask)
     quadratic = [new.scaled] if new.cross is None else [new.scaled, 2 * new.cross]
-    return [jnp.sum(tau * expected_w * q[..., None], axis=(1, 2)) for q in quadratic]
+    return [jnp.sum(moments.weights * q[..., None], axis=(1, 2)) for q in quadratic]
 
 
-def scale_update(
-    spec: ModelSpec, old: FHMVParams, params: FHMVParams, stats: SequenceStats, y: Array, x: Array | None
-) -> FHMVParams:
+def scale_update(old: FHMV, model: FHMV, stats: StateMoments | StepMoments) -> FHMV:
     """Maximise Q_s = -sum tau [ (D_s / 2) log s + E[W] delta'(s) / 2 ] over the magnitude parameters.
 
     tau and E[W] are those of the E-step's model ``old``; delta'(s) uses the new means and
-    covariances of ``params``. ``stats`` keeps its leading sequence axis. With time-invariant
-    scales the loads sum_t tau E[W] delta' per sub-state follow from ``stats.state_moments``;
-    otherwise they are recomputed per step from the data.
+    covariances of ``model``. ``stats`` keeps its leading sequence axis. With time-invariant
+    scales the loads sum_t tau E[W] delta' per sub-state follow from ``StateMoments``; with
+    time-varying ones they are summed per step from ``StepMoments``.
     """
-    start = _present(params, _SCALE_FIELDS)
+    start = model.magnitudes()
     if not start:
-        return params
-    inv_chol = emissions.inverse_cholesky(cholesky_factor(params.chol_raw))
-    time_varying = stats.state_moments is None
+        return model
+    mixture = model.emission
+    inv_chol = emissions.inverse_cholesky(mixture.cholesky())
+    time_varying = isinstance(stats, StepMoments)
     if time_varying:
-        loads = jax.vmap(lambda yb, xb, gamma: _step_loads(spec, old, params.means, inv_chol, yb, xb, gamma))(
-            y, x, stats.regime_volatility
-        )
-        counts = stats.state_counts
+        loads = jax.vmap(lambda moments: step_loads(mixture, moments, inv_chol))(stats)
+        counts = stats.counts
     else:
-        moments = _summed(stats, "state_moments")
-        loads = _state_loads(spec, moments, params.means - old.means, inv_chol)
+        moments = _summed(stats)
+        loads = state_loads(mixture, moments, mixture.means - old.emission.means, inv_chol)
         counts = moments.counts
-    exponents = scale_exponents(spec)[: len(loads)]
-    half_dim = 0.5 * spec.num_scaled_features
+    exponents = scale_exponents(mixture)[: len(loads)]
+    half_dim = 0.5 * mixture.num_scaled_features
 
     def objective(values):
-        natural = natural_parameters(spec, _with(params, values))
+        candidate = model.with_magnitudes(values)
         if time_varying:
-            log_s = jax.vmap(lambda xb: log_scales(spec, natural, xb))(x)
+            log_s = jax.vmap(lambda xb: log_scales(candidate, xb, initial_shocks(candidate))[0])(stats.driver)
         else:
-            log_s = log_scales(spec, natural, None)[0]
+            log_s = volatility_log_scales(candidate)
         value = -half_dim * jnp.sum(counts * log_s)
         for e, load in zip(exponents, loads):
             value = value - 0.5 * jnp.sum(load * jnp.exp(-e * log_s))
         return value
 
-    return _with(params, newton_ascent(objective, start))
+    return model.with_magnitudes(newton_ascent(objective, start))
 
 
-def _leverage_inputs(pairwise: Array, x: Array) -> tuple[Array, Array, Array]:
-    """(moves to state 1, transitions out of each state, x_{t-1}) from [B, T-1, 2, 2] two-slice marginals."""
-    return pairwise[..., 1], jnp.sum(pairwise, axis=-1), x[:, :-1, None]
+def _leverage_inputs(stats: LeverageStats) -> tuple[Array, Array, Array]:
+    """(moves to state 1, transitions out of each state, x_{t-1}) from [B, T-1] per-step statistics."""
+    return stats.pairwise[..., 1], jnp.sum(stats.pairwise, axis=-1), stats.driver[..., None]
 
 
 def leverage_log_likelihood(raw: Array, moved: Array, totals: Array, x_prev: Array) -> Array:
@@ -300,59 +274,45 @@ def leverage_derivatives(raw: Array, moved: Array, totals: Array, x_prev: Array)
     return grad.reshape(-1), hess.transpose(0, 2, 1, 3).reshape(4, 4)
 
 
-def leverage_update(params: FHMVParams, pairwise: Array, x: Array) -> FHMVParams:
+def leverage_update(leverage: MarkovLeverage, stats: LeverageStats) -> MarkovLeverage:
     """Weighted logistic regression of V_t on x_{t-1} (Markov leverage), by Newton with closed-form derivatives."""
-    data = _leverage_inputs(pairwise, x)
+    data = _leverage_inputs(stats)
     best = newton_ascent(
         lambda values: leverage_log_likelihood(values["leverage_raw"], *data),
-        {"leverage_raw": params.leverage_raw},
+        {"leverage_raw": leverage.leverage_raw},
         derivatives=lambda flat: leverage_derivatives(flat.reshape(2, 2), *data),
     )
-    return _with(params, best)
+    return leverage.replace(**best)
 
 
-def _summed(stats: SequenceStats, field: str):
-    return jax.tree.map(lambda a: jnp.sum(a, axis=0), getattr(stats, field))
+def _summed(tree):
+    """Sum every leaf over its leading (sequence) axis."""
+    return jax.tree.map(lambda a: jnp.sum(a, axis=0), tree)
 
 
-def m_step(
-    spec: ModelSpec,
-    params: FHMVParams,
-    stats: SequenceStats,
-    y: Float[Array, "B T D"],
-    x: Float[Array, "B T"] | None,
-    prior: CovariancePrior,
-) -> FHMVParams:
-    """New parameters from per-sequence statistics (leading axis B), in the ECM order above.
-
-    ``y`` and ``x`` are the (zero-padded) sequences the statistics came from.
-    """
-    old = params
-    initial = _summed(stats, "initial")
-    transitions = _summed(stats, "transitions")
-    params = regime_update(params, initial[0], transitions[0])
-    if spec.num_chains:
-        params = persistence_update(spec, params, transitions[1 : 1 + spec.num_chains])
-    if spec.has_jumps:
-        jump_axis = 1 + spec.num_chains
-        params = jump_update(spec, params, initial[jump_axis], transitions[jump_axis])
-    summed = stats._replace(
-        component_counts=_summed(stats, "component_counts"),
-        scale_weights=_summed(stats, "scale_weights"),
-        first_moments=_summed(stats, "first_moments"),
-        second_moments=_summed(stats, "second_moments"),
-        dof_terms=_summed(stats, "dof_terms"),
-    )
-    params = emission_update(spec, params, summed, prior)
-    params = scale_update(spec, old, params, stats, y, x)
-    if spec.leverage == "markov":
-        params = leverage_update(params, stats.leverage_pairwise, x)
-    return params
+def m_step(model: FHMV, stats: SequenceStats, prior: CovariancePrior) -> FHMV:
+    """New parameters from the per-sequence statistics of ``model``'s E-step (leading axis B), in the
+    ECM order above; reads no data."""
+    initial = _summed(stats.initial)
+    transitions = _summed(stats.transitions)
+    num_chains = model.spec.num_chains
+    updated = eqx.tree_at(lambda m: m.regime, model, regime_update(model.regime, initial[0], transitions[0]))
+    if model.persistence is not None:
+        chains = persistence_update(model.persistence, transitions[1 : 1 + num_chains])
+        updated = eqx.tree_at(lambda m: m.persistence, updated, chains)
+    if model.jump is not None:
+        axis = 1 + num_chains
+        updated = eqx.tree_at(lambda m: m.jump, updated, jump_update(model.jump, initial[axis], transitions[axis]))
+    updated = eqx.tree_at(lambda m: m.emission, updated, emission_update(model.emission, _summed(stats.components), prior))
+    updated = scale_update(model, updated, stats.volatility)
+    if stats.leverage is not None:
+        updated = eqx.tree_at(lambda m: m.leverage, updated, leverage_update(updated.leverage, stats.leverage))
+    return updated
 
 
-def log_prior(params: FHMVParams, prior: CovariancePrior) -> Array:
+def log_prior(mixture: StudentTMixture, prior: CovariancePrior) -> Array:
     """sum_{g,k} -(count / 2) log|Sigma| - (ridge / 2) tr(Sigma^{-1}): the covariance penalty EM maximises."""
-    chol = cholesky_factor(params.chol_raw)
+    chol = mixture.cholesky()
     log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
     trace_inv = jnp.sum(emissions.inverse_cholesky(chol) ** 2)
     return -0.5 * prior.count * log_det - 0.5 * prior.ridge * trace_inv

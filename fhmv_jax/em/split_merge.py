@@ -188,4 +188,4 @@ def merge_split_candidate(model: FHMV, merged: tuple[int, int], r: int) -> FHMV:
     natural["regime_transition"], natural["initial_regime"] = _relabelled_chain(
         natural["regime_transition"], natural["initial_regime"], i, j, r
     )
-    return FHMV.from_natural_parameters(spec, dtype=model.params.dtype, **natural)
+    return FHMV.from_natural_parameters(spec, dtype=model.dtype, **natural)

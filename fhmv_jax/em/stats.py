@@ -1,13 +1,13 @@
-"""E-step: posterior expectations of the complete-data statistics (MODEL.md section 4).
+"""E-step: the complete expected statistics of ECM (MODEL.md section 4).
 
 ``e_step`` works on one sequence with a validity mask (padding at the end); callers vmap
-it over sequences. Padded steps get uninformative emissions (log b = 0), which leaves the
-posteriors of the valid steps exact, and are masked out of every statistic.
+it over sequences. Padded steps get uninformative emissions (b = 1), which leaves the
+posteriors of the valid steps exact, and are masked out of every statistic. The statistics
+are everything the M-step reads: it never sees the data again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -15,18 +15,46 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma
 
 from .._types import Array, Bool, Float, Scalar
-from ..inference.blocked import Likelihoods, blocked_log_likelihood, expected_statistics
-from ..model import emissions
-from ..model.fhmv import ComponentTerms, chain_arrays, component_terms, log_scales
-from ..model.params import FHMVParams, cholesky_factor, natural_parameters
-from ..model.spec import ModelSpec
+from ..inference import BlockPosterior, forward_backward
+from ..inference.smoother import (
+    axes_by_kind,
+    gram,
+    invariant_counts,
+    invariant_kronecker,
+    moved_back_along_varying,
+    varying_pairwise,
+)
+from ..model.emissions import BlockTerms, StudentTMixture
+from ..model.fhmv import FHMV, sequence_inputs
+
+
+class ComponentStats(NamedTuple):
+    """Sums over time of the mixture posteriors, for the weight, mean, covariance and dof updates.
+
+    The moment weights omega^e = sum_v tau E[W] s^{-e} carry the powers e of 1/s that multiply the
+    covariance blocks (``scale_exponents``): (1,) without a scale mask and (1, 1/2, 0) with one.
+
+    Attributes:
+        counts: [G, K] n_{g,k} = sum_{t,v} tau_t(g, k, v).
+        scale_weights: [E, G, K] sum_t omega^e_t(g, k).
+        first: [E, G, K, D] sum_t omega^e_t (y_t - mu_{g,k}).
+        second: [E, G, K, D, D] sum_t omega^e_t (y_t - mu)(y_t - mu)^T.
+        dof_terms: [G, K] sum_{t,v} tau (E[log W] - E[W]).
+    """
+
+    counts: Float[Array, "G K"]
+    scale_weights: Float[Array, "E G K"]
+    first: Float[Array, "E G K D"]
+    second: Float[Array, "E G K D D"]
+    dof_terms: Float[Array, "G K"]
 
 
 class StateMoments(NamedTuple):
-    """Sums per volatility sub-state v, about the E-step's means mu_{g,k} (for time-invariant scales).
+    """The volatility update's statistics when the scales do not vary in time: sums per volatility
+    sub-state v, about the E-step's means mu_{g,k}.
 
-    From them follow the moments of any scales s_v (``SequenceStats.scale_weights`` etc. are their
-    sums weighted by s_v^{-e}) and the volatility loads of new means and covariances.
+    From them follow the emission moments of any scales s_v (``ComponentStats`` are their sums
+    weighted by s_v^{-e}) and the loads sum_t tau E[W] delta'(y_t) of new means and covariances.
 
     Attributes:
         counts: [V] sum_t P(vol. state v | y).
@@ -41,6 +69,39 @@ class StateMoments(NamedTuple):
     second: Float[Array, "V G K D D"]
 
 
+class StepMoments(NamedTuple):
+    """The volatility update's statistics when the scales vary in time (predictable leverage).
+
+    Its loads under the new means and covariances, sum_{g,k} tau E[W] (y_t - mu')^T Q'_e (y_t - mu')
+    per step and sub-state, are not sums of any fixed moments: per step, the weights and the
+    observation itself are the sufficient statistics.
+
+    Attributes:
+        counts: [T, V] sum_g gamma_t(g, v), the weight of each volatility sub-state.
+        weights: [T, G, K, V] tau_t(g, k, v) E[W] (zero on padding).
+        observations: [T, D] y_t.
+        driver: [T] x_t, which sets the leverage path log L_t.
+    """
+
+    counts: Float[Array, "T V"]
+    weights: Float[Array, "T G K V"]
+    observations: Float[Array, "T D"]
+    driver: Float[Array, " T"]
+
+
+class LeverageStats(NamedTuple):
+    """The Markov-leverage regression's statistics: per step, the state's two-slice marginals and
+    the driver they regress on.
+
+    Attributes:
+        pairwise: [T-1, 2, 2] P(V_{t-1} = i, V_t = j | y) (zero on padding).
+        driver: [T-1] x_{t-1}.
+    """
+
+    pairwise: Float[Array, "T1 2 2"]
+    driver: Float[Array, " T1"]
+
+
 class SequenceStats(NamedTuple):
     """Expected statistics of one sequence.
 
@@ -48,83 +109,36 @@ class SequenceStats(NamedTuple):
         log_likelihood: log p(y_{1:T}) of the valid steps.
         initial: per factor axis, [n_f] P(h^f_1 | y).
         transitions: per factor axis, [n_f, n_f] sum_t P(h^f_{t-1} = a, h^f_t = b | y).
-        leverage_pairwise: [T-1, 2, 2] per-step two-slice marginals of the Markov leverage
-            state (zeros on padding); ``None`` in other leverage modes.
-        component_counts: [G, K] n_{g,k} = sum_{t,v} tau_t(g, k, v).
-        scale_weights: [E, G, K] sum_t omega^e_t(g, k), omega^e = sum_v tau E[W] s^{-e}; the
-            exponents e are (1,) without a scale mask and (1, 1/2, 0) with one.
-        first_moments: [E, G, K, D] sum_t omega^e_t (y_t - mu_{g,k}).
-        second_moments: [E, G, K, D, D] sum_t omega^e_t (y_t - mu)(y_t - mu)^T.
-        dof_terms: [G, K] sum_{t,v} tau (E[log W] - E[W]).
-        state_moments: the same sums per volatility sub-state (``StateMoments``) when the
-            scales do not vary in time, else ``None``.
-        state_counts: [T, V] sum_{g,k} tau = sum_g gamma (responsibilities sum to one): the
-            weight of each volatility sub-state.
-        regime_volatility: [T, G, V] gamma_t(g, v) = P(R_t = g, vol. state v | y) (zero on padding).
+        components: the mixture statistics (``ComponentStats``).
+        volatility: ``StateMoments`` when the scales do not vary in time, else ``StepMoments``.
+        leverage: the Markov-leverage statistics (``None`` in other leverage modes).
     """
 
     log_likelihood: Scalar
     initial: tuple[Array, ...]
     transitions: tuple[Array, ...]
-    leverage_pairwise: Float[Array, "T1 2 2"] | None
-    component_counts: Float[Array, "G K"]
-    scale_weights: Float[Array, "E G K"]
-    first_moments: Float[Array, "E G K D"]
-    second_moments: Float[Array, "E G K D D"]
-    dof_terms: Float[Array, "G K"]
-    state_moments: StateMoments | None
-    state_counts: Float[Array, "T V"]
-    regime_volatility: Float[Array, "T G V"]
+    components: ComponentStats
+    volatility: StateMoments | StepMoments
+    leverage: LeverageStats | None
 
 
-def scale_exponents(spec: ModelSpec) -> tuple[float, ...]:
+def scale_exponents(mixture: StudentTMixture) -> tuple[float, ...]:
     """Powers e of 1/s that multiply the covariance blocks: see ``emissions.mask_patterns``."""
-    return (1.0,) if spec.scale_mask is None else (1.0, 0.5, 0.0)
+    return (1.0,) if mixture.scale_mask is None else (1.0, 0.5, 0.0)
 
 
-def latent_weights(
-    spec: ModelSpec, dof: Array | None, delta: Array, log_ratio: Array | None
-) -> tuple[Array, Array]:
+def latent_weights(mixture: StudentTMixture, delta: Array, log_ratio: Array | None) -> tuple[Array, Array]:
     """E[W] = (nu + D) / (nu + delta) and E[log W] = psi((nu + D) / 2) - log(nu / 2) - log(1 + delta / nu)."""
-    if spec.gaussian:
+    if mixture.gaussian:
         ones = jnp.ones_like(delta)
         return ones, jnp.zeros_like(delta)
-    nu = dof[None, :, :, None]
-    D = spec.num_features
+    nu = mixture.dof()[None, :, :, None]
+    D = mixture.num_features
     return (nu + D) / (nu + delta), digamma((nu + D) / 2) - jnp.log(nu / 2) - log_ratio
 
 
-class BlockTerms(NamedTuple):
-    """Emission terms of L steps, as expressions that XLA fuses into their consumers.
-
-    Attributes:
-        log_scale: [L, V] (or [1, V]) log s_t(v).
-        components: the ``ComponentTerms``, [L, G, K, V].
-        shift: [L] m_t, the largest weighted component log-density of the step.
-        scaled_components: [L, G, K, V] w_{g,k} t_D(y_t; ...) / exp(m_t), in [0, 1].
-        scaled: [L, G, V] b_t(g, v) / exp(m_t) = sum_k ``scaled_components``.
-    """
-
-    log_scale: Array
-    components: ComponentTerms
-    shift: Float[Array, " L"]
-    scaled_components: Float[Array, "L G K V"]
-    scaled: Float[Array, "L G V"]
-
-
-def block_terms(
-    spec: ModelSpec, params: FHMVParams, natural: dict, inv_chol: Array, y: Float[Array, "L D"], log_scale: Array
-) -> BlockTerms:
-    """``BlockTerms`` of L steps (``inv_chol``: U^{-1} of every component, computed once outside any loop)."""
-    mahalanobis = emissions.mahalanobis_terms(y, params.means, inv_chol, spec.scale_mask)
-    components = component_terms(spec, params, natural, mahalanobis, log_scale)
-    shift = jax.lax.stop_gradient(jnp.max(components.weighted_log_dens, axis=(1, 2, 3)))
-    scaled_components = jnp.exp(components.weighted_log_dens - shift[:, None, None, None])
-    return BlockTerms(log_scale, components, shift, scaled_components, jnp.sum(scaled_components, axis=2))
-
-
 def component_posteriors(
-    spec: ModelSpec, natural: dict, terms: BlockTerms, gamma: Float[Array, "L G V"]
+    mixture: StudentTMixture, terms: BlockTerms, gamma: Float[Array, "L G V"]
 ) -> tuple[Array, Array, Array]:
     """tau = gamma * rho, E[W] and E[log W], each [L, G, K, V], as elementwise expressions.
 
@@ -137,7 +151,7 @@ def component_posteriors(
     weight = jnp.where(usable, gamma / jnp.where(usable, terms.scaled, 1.0), 0.0)
     tau = weight[:, :, None, :] * terms.scaled_components
     comp = terms.components
-    expected_w, expected_log_w = latent_weights(spec, natural.get("dof"), comp.delta, comp.log_ratio)
+    expected_w, expected_log_w = latent_weights(mixture, comp.delta, comp.log_ratio)
     return tau, expected_w, expected_log_w
 
 
@@ -173,16 +187,16 @@ def _sum_over_last_axis(operands: tuple[Array, ...]) -> tuple[Array, ...]:
 
 
 def component_sums(
-    spec: ModelSpec, natural: dict, terms: BlockTerms, gamma: Float[Array, "L G V"], centred: Float[Array, "L D"]
+    mixture: StudentTMixture, terms: BlockTerms, gamma: Float[Array, "L G V"], centred: Float[Array, "L D"]
 ) -> ComponentSums:
     """tau, E[W] and E[log W] of L steps summed into the ECM statistics (``centred``: observations minus a
     reference point; steps where gamma is zero carry no weight)."""
-    tau, expected_w, expected_log_w = component_posteriors(spec, natural, terms, gamma)
+    tau, expected_w, expected_log_w = component_posteriors(mixture, terms, gamma)
     if terms.log_scale.shape[0] == 1:
         per_component, dof_terms = _sum_over_last_axis((tau, tau * (expected_log_w - expected_w)))
         omega = tau * expected_w
     else:
-        scaled = tuple(tau * expected_w * jnp.exp(-e * terms.log_scale)[:, None, None, :] for e in scale_exponents(spec))
+        scaled = tuple(tau * expected_w * jnp.exp(-e * terms.log_scale)[:, None, None, :] for e in scale_exponents(mixture))
         *per_exponent, per_component, dof_terms = _sum_over_last_axis((*scaled, tau, tau * (expected_log_w - expected_w)))
         omega = jnp.stack(per_exponent, axis=-1)
     outer = centred[:, :, None] * centred[:, None, :]
@@ -216,112 +230,88 @@ def _factor_marginals(joint: Array) -> tuple[Array, ...]:
     return tuple(jnp.sum(joint, axis=tuple(a for a in axes if a != axis)) for axis in axes)
 
 
-class SequenceTerms(NamedTuple):
-    """What the forward and backward passes over one sequence need from the model.
-
-    Attributes:
-        initial: [*state_shape] law of h_1.
-        transitions: one matrix per factor axis.
-        log_scale: [T, V] (or [1, V] when it does not vary in time) log s_t(v).
-        inputs: per-step inputs of the blocks, leading axis T (y, and log s when it varies in time).
-        terms_of: block inputs -> (y rows, ``BlockTerms`` of the rows).
-        likelihoods: block inputs -> ([L, *state_shape] b / exp(m_t), [L] m_t), from ``terms_of``.
-    """
-
-    initial: Array
-    transitions: tuple[Array, ...]
-    log_scale: Array
-    inputs: object
-    terms_of: Callable[[object], tuple[Array, BlockTerms]]
-    likelihoods: Likelihoods
-
-
-def sequence_terms(spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None) -> SequenceTerms:
-    """The chain arrays of one sequence and its emission terms as functions of a block of steps."""
-    initial, transitions = chain_arrays(spec, natural, x)
-    log_scale = log_scales(spec, natural, x)
-    inv_chol = emissions.inverse_cholesky(cholesky_factor(params.chol_raw))
-    varying = log_scale.shape[0] != 1
-
-    def terms_of(rows):
-        y_rows, scale_rows = rows if varying else (rows, log_scale)
-        return y_rows, block_terms(spec, params, natural, inv_chol, y_rows, scale_rows)
-
-    def likelihoods(rows):
-        y_rows, terms = terms_of(rows)
-        return terms.scaled.reshape((y_rows.shape[0],) + spec.state_shape), terms.shift
-
-    return SequenceTerms(initial, transitions, log_scale, (y, log_scale) if varying else y, terms_of, likelihoods)
-
-
-def sequence_log_likelihood(
-    spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None, mask: Bool[Array, " T"]
-) -> Scalar:
-    """log p(y) of the valid steps of one sequence padded at its end."""
-    terms = sequence_terms(spec, params, natural, y, x)
-    return blocked_log_likelihood(
-        terms.initial, terms.transitions, terms.likelihoods, terms.inputs, mask
-    )
-
-
 def e_step(
-    spec: ModelSpec,
-    params: FHMVParams,
+    model: FHMV,
     y: Float[Array, "T D"],
     x: Float[Array, " T"] | None,
     mask: Bool[Array, " T"],
+    *,
+    block_steps: int | None = None,
 ) -> SequenceStats:
     """Forward-backward over one (possibly padded) sequence and the ECM statistics.
 
+    The time-invariant factors' expected transition counts come from one S x S Gram matrix per
+    block, sum_t alpha_{t-1} m_t^T (m_t: r_t moved back along the time-varying axis), contracted
+    with the other factors' matrices; the time-varying (Markov leverage) factor's per step.
+
     Args:
-        spec, params: the model.
+        model: the model of the E-step.
         y: [T, D] observations; rows where ``mask`` is False are ignored but must be finite
             (``em_step`` zeroes them).
         x: [T] driver or ``None`` (finite on padding too).
         mask: [T] True on valid steps, which come first.
+        block_steps: steps per block of the forward-backward pass (default: by the state count).
 
     Returns:
         ``SequenceStats``.
     """
-    G = spec.num_regimes
+    G = model.spec.num_regimes
+    shape = model.spec.state_shape
+    mixture = model.emission
     valid = mask.astype(y.dtype)
-    natural = natural_parameters(spec, params)
-    terms = sequence_terms(spec, params, natural, y, x)
+    inputs = sequence_inputs(model, y, x)
+    transitions = inputs.transitions
+    varying, _ = axes_by_kind(transitions)
+    if len(varying) > 1:
+        raise NotImplementedError("expected statistics support at most one time-varying factor")
+    others = invariant_kronecker(transitions) if varying else None
+    scales_vary = inputs.log_scale.shape[0] != 1
     reference = jnp.sum(y * valid[:, None], axis=0) / jnp.sum(valid)
 
-    def reduce(rows, smoothed):
-        y_rows, block = terms.terms_of(rows)
-        return component_sums(spec, natural, block, smoothed.reshape(y_rows.shape[0], G, -1), y_rows - reference[None, :])
+    def reduce(rows, posterior: BlockPosterior):
+        y_rows, terms = inputs.emissions.terms(rows)
+        gamma = posterior.smoothed.reshape(y_rows.shape[0], G, -1)
+        moved = moved_back_along_varying(posterior.weighted, transitions, posterior.incoming)
+        return gram(posterior.previous, moved), component_sums(mixture, terms, gamma, y_rows - reference[None, :])
 
-    posterior = expected_statistics(
-        terms.initial, terms.transitions, terms.likelihoods, terms.inputs, mask, reduce
-    )
-    sums = posterior.sums
-    moments = moments_about(sums.weights, sums.first, sums.second, params.means - reference[None, None, :])
-    state_moments = None
-    if terms.log_scale.shape[0] == 1:
-        state_moments = StateMoments(sums.state_counts, *moments)
-        inverse_scales = jnp.exp(-jnp.asarray(scale_exponents(spec), y.dtype)[:, None] * terms.log_scale)
+    def collect(rows, posterior: BlockPosterior):
+        pairwise = tuple(varying_pairwise(others, axis, matrices, posterior.previous, posterior.weighted)
+                         for axis, matrices in zip(varying, posterior.incoming))
+        if not scales_vary:
+            return pairwise, ()
+        y_rows, terms = inputs.emissions.terms(rows)
+        gamma = posterior.smoothed.reshape(y_rows.shape[0], G, -1)
+        tau, expected_w, _ = component_posteriors(mixture, terms, gamma)
+        return pairwise, (jnp.sum(gamma, axis=1), tau * expected_w)
+
+    posterior = forward_backward(inputs.initial, transitions, inputs.emissions.likelihoods, inputs.rows, mask,
+                                 reduce=reduce, collect=collect, block_steps=block_steps)
+    gram_total, sums = posterior.sums
+    pairwise, step_weights = posterior.steps
+    counts = list(invariant_counts(gram_total, transitions, shape))
+    for axis, per_step in zip(varying, pairwise):
+        counts[axis] = jnp.sum(per_step[1:], axis=0)
+
+    moments = moments_about(sums.weights, sums.first, sums.second, mixture.means - reference[None, None, :])
+    if scales_vary:
+        volatility = StepMoments(*step_weights, y, x)
+    else:
+        volatility = StateMoments(sums.state_counts, *moments)
+        inverse_scales = jnp.exp(-jnp.asarray(scale_exponents(mixture), y.dtype)[:, None] * inputs.log_scale)
         moments = tuple(jnp.tensordot(inverse_scales, m, axes=1) for m in moments)
-    n_e, first, second = moments
-
-    gamma = posterior.smoothed.reshape(y.shape[0], G, -1)
+    leverage = None
+    if model.spec.leverage == "markov":
+        leverage = LeverageStats(pairwise[0][1:], x[:-1])
     return SequenceStats(
         log_likelihood=posterior.log_likelihood,
         initial=_factor_marginals(posterior.initial / jnp.sum(posterior.initial)),
-        transitions=tuple(jnp.sum(p, axis=0) if p.ndim == 3 else p for p in posterior.counts),
-        leverage_pairwise=posterior.counts[-1] if spec.leverage == "markov" else None,
-        component_counts=sums.component_counts,
-        scale_weights=n_e,
-        first_moments=first,
-        second_moments=second,
-        dof_terms=sums.dof_terms,
-        state_moments=state_moments,
-        state_counts=jnp.sum(gamma, axis=1),
-        regime_volatility=gamma,
+        transitions=tuple(counts),
+        components=ComponentStats(sums.component_counts, *moments, sums.dof_terms),
+        volatility=volatility,
+        leverage=leverage,
     )
 
 
-def batch_e_step(spec: ModelSpec, params: FHMVParams, y: Array, x: Array | None, mask: Array) -> SequenceStats:
+def batch_e_step(model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None) -> SequenceStats:
     """``e_step`` vmapped over a leading sequence axis: every field gains a leading [B]."""
-    return jax.vmap(lambda yb, xb, mb: e_step(spec, params, yb, xb, mb))(y, x, mask)
+    return jax.vmap(lambda yb, xb, mb: e_step(model, yb, xb, mb, block_steps=block_steps))(y, x, mask)

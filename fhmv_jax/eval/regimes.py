@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import equinox as eqx
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -113,13 +112,8 @@ def reorder_regimes(model: FHMV, order) -> FHMV:
     Used to put a refitted model's regimes in a reference order before it is named, so
     regime names stay attached to the same market behaviour across refits.
     """
-    params = model.params
     order = np.asarray(order)
-    if sorted(order.tolist()) != list(range(params.means.shape[0])):
-        raise ValueError(f"order must be a permutation of the {params.means.shape[0]} regimes, got {order.tolist()}")
-    fields = ("initial_logits", "log_weights", "means", "chol_raw", "dof_raw")
-    present = [name for name in fields if getattr(params, name) is not None]
-    reordered = [getattr(params, name)[order] for name in present]
-    params = eqx.tree_at(lambda p: [getattr(p, name) for name in present], params, reordered)
-    params = eqx.tree_at(lambda p: p.transition_logits, params, params.transition_logits[order][:, order])
-    return type(model)(model.spec, params)
+    num_regimes = model.spec.num_regimes
+    if sorted(order.tolist()) != list(range(num_regimes)):
+        raise ValueError(f"order must be a permutation of the {num_regimes} regimes, got {order.tolist()}")
+    return model.permuted_regimes(order)

@@ -1,15 +1,32 @@
-"""Exact inference over a factorial state tensor; every routine takes arrays, not models."""
+"""Exact inference over a factorial state tensor; every routine takes arrays, not models.
 
-from .filter import FilterPosterior, forward_filter
-from .smoother import SmootherPosterior, backward_pass, backward_step, smoother
+One core: the primitives of ``_ops`` (predict, condition, backward step, max-product step),
+composed by the sequential backend's scans (``filter.forward_scan``, ``smoother.backward_scan``,
+``viterbi``) and driven block by block over masked sequences by ``blocked``.
+"""
+
+from .blocked import (
+    BlockPosterior,
+    FilterPosterior,
+    Posterior,
+    SmootherPosterior,
+    forward_backward,
+    forward_filter,
+    log_likelihood,
+    smoother,
+)
+from .filter import forward_scan
 from .viterbi import most_likely_states
 
 __all__ = [
+    "BlockPosterior",
     "FilterPosterior",
+    "Posterior",
     "SmootherPosterior",
-    "backward_pass",
-    "backward_step",
+    "forward_backward",
     "forward_filter",
+    "forward_scan",
+    "log_likelihood",
     "most_likely_states",
     "smoother",
 ]

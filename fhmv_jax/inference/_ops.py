@@ -1,13 +1,16 @@
-"""Factor-by-factor operations on the joint state tensor.
+"""The inference core's primitives: factor-by-factor operations on the joint state tensor.
 
 The joint transition of a factorial HMM is the Kronecker product of its factors'
 matrices. A message over the joint state is kept as a tensor with one axis per factor,
 and each factor's matrix is applied along its own axis, so one step costs
-O(S * sum_f n_f) instead of O(S^2).
+O(S * sum_f n_f) instead of O(S^2). Four steps compose every recursion of the package
+(filter, smoother, E-step, Viterbi, streaming): ``predict`` (along the factor axes),
+``condition`` (on a step's emissions), ``backward_step`` and ``max_product_step``.
 
 ``transitions`` is a tuple with one matrix per axis: [n, n] if time-invariant or
-[T, n, n] if time-varying, where entry t maps the state at t - 1 to the state at t
-(entry 0 is never used).
+[T, n, n] if time-varying, where entry t maps the state at step t to the state at step
+t + 1 (it is driven by the driver observed at t; the last entry only predicts beyond the
+sequence).
 """
 
 from __future__ import annotations
@@ -52,6 +55,34 @@ def propagate(message: Array, matrices: Sequence[Array], *, transpose: bool = Fa
     for axis, matrix in enumerate(matrices):
         message = apply_along_axis(message, matrix, axis, transpose=transpose)
     return message
+
+
+def predict(filtered: Array, matrices: Sequence[Array]) -> Array:
+    """P(h_{t+1} | y_{1:t}) = sum_h P(h_t = h | y_{1:t}) P(h, h'), one [n, n] matrix per axis."""
+    return propagate(filtered, matrices)
+
+
+def condition(predicted: Array, scaled_likelihood: Array) -> tuple[Array, Float[Array, ""]]:
+    """(P(h_t | y_{1:t}), c_t / exp(m_t)) from P(h_t | y_{1:t-1}) and p(y_t | h_t) / exp(m_t)."""
+    joint = predicted * scaled_likelihood
+    normaliser = jnp.sum(joint)
+    return joint / normaliser, normaliser
+
+
+def backward_step(beta: Array, scaled_likelihood: Array, normaliser: Array, matrices: Sequence[Array],
+                  order: Sequence[int]) -> Array:
+    """beta_hat_{t-1} = P_t r_t with r_t = b_t * beta_hat_t / c_t (the matrices applied along the axes in ``order``)."""
+    message = scaled_likelihood * beta / normaliser
+    for axis in order:
+        message = apply_along_axis(message, matrices[axis], axis, transpose=True)
+    return message
+
+
+def max_product_step(log_delta: Array, log_matrices: Sequence[Array]) -> Array:
+    """max_h [log_delta(h) + log P(h, h')], one factor's max-plus product at a time."""
+    for axis, log_matrix in enumerate(log_matrices):
+        log_delta = max_along_axis(log_delta, log_matrix, axis)
+    return log_delta
 
 
 def merge_invariant_axes(
@@ -104,20 +135,3 @@ def at_step(transitions: Transitions, step_slices: Sequence[Array]) -> tuple[Arr
     """``transitions`` with each time-varying member replaced by its slice at one step."""
     slices = iter(step_slices)
     return tuple(next(slices) if m.ndim == 3 else m for m in transitions)
-
-
-def state_axes(ndim: int, leading: int = 1) -> tuple[int, ...]:
-    """Axes of the state tensor in an array with ``leading`` batch/time axes."""
-    return tuple(range(leading, leading + ndim))
-
-
-def normalise(probs: Array, axes: tuple[int, ...]) -> Array:
-    return probs / jnp.sum(probs, axis=axes, keepdims=True)
-
-
-def scaled_likelihoods(log_likelihoods: Float[Array, "T ..."]) -> tuple[Array, Float[Array, " T"]]:
-    """exp(log b_t - m_t) with m_t = max over states: in (0, 1], no overflow; returns (B, m)."""
-    axes = state_axes(log_likelihoods.ndim - 1)
-    shift = jax.lax.stop_gradient(jnp.max(log_likelihoods, axis=axes))
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-    return jnp.exp(log_likelihoods - shift.reshape((-1,) + (1,) * len(axes))), shift

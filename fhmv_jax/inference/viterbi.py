@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Int
-from ._ops import UNROLL, Transitions, at_step, max_along_axis, time_varying
+from ._ops import UNROLL, Transitions, at_step, max_product_step, time_varying
 
 
 def _column_log_probs(log_matrices: tuple[Array, ...], next_state: tuple[Array, ...]) -> Array:
@@ -32,6 +32,11 @@ def most_likely_states(
     max-plus product. Backtracking recomputes argmax_h [delta_{t-1}(h) + log P_t(h, h'_t)] from
     the stored deltas (one S-vector per step) instead of storing F back-pointer tensors.
 
+    Args:
+        initial_probs: [*shape] law of h_1.
+        transitions: one matrix per axis ([n, n] or [T, n, n], entry t from step t to t + 1).
+        log_likelihoods: [T, *shape] log p(y_t | h_t).
+
     Returns:
         [T, F] the index of every factor's state along the path.
     """
@@ -41,15 +46,13 @@ def most_likely_states(
 
     def _forward(log_delta, inputs):
         ll_t, matrices_t = inputs
-        for axis, log_matrix in enumerate(at_step(log_transitions, matrices_t)):
-            log_delta = max_along_axis(log_delta, log_matrix, axis)
-        log_delta = log_delta + ll_t
+        log_delta = max_product_step(log_delta, at_step(log_transitions, matrices_t)) + ll_t
         log_delta = log_delta - jnp.max(log_delta)
         return log_delta, log_delta
 
     first = jnp.log(initial_probs) + log_likelihoods[0]
     first = first - jnp.max(first)
-    _, later = jax.lax.scan(_forward, first, (log_likelihoods[1:], tuple(m[1:] for m in dynamic)), unroll=UNROLL)
+    _, later = jax.lax.scan(_forward, first, (log_likelihoods[1:], tuple(m[:-1] for m in dynamic)), unroll=UNROLL)
     log_deltas = jnp.concatenate([first[None], later])
 
     def _backward(next_state, inputs):
@@ -59,5 +62,5 @@ def most_likely_states(
         return state, jnp.stack(state)
 
     last = jnp.unravel_index(jnp.argmax(log_deltas[-1]), shape)
-    _, earlier = jax.lax.scan(_backward, last, (log_deltas[:-1], tuple(m[1:] for m in dynamic)), reverse=True, unroll=UNROLL)
+    _, earlier = jax.lax.scan(_backward, last, (log_deltas[:-1], tuple(m[:-1] for m in dynamic)), reverse=True, unroll=UNROLL)
     return jnp.concatenate([earlier, jnp.stack(last)[None]])

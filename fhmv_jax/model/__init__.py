@@ -1,19 +1,32 @@
-"""The FHMV model: spec, parameters, factors, emissions and the Equinox module."""
+"""The FHMV model: spec, parameter blocks, emissions, the Equinox module, its read-outs and streaming."""
 
+from .emissions import StudentTMixture
 from .examples import example_model
-from .fhmv import FHMV, Factors, FilterResult, InferenceInputs, Sample, SmoothResult, inference_inputs
-from .params import FHMVParams
+from .factors import JumpChain, MarkovLeverage, NoLeverage, PersistenceChains, PredictableLeverage, RegimeChain
+from .fhmv import FHMV, Factors, FilterResult, Sample, SequenceInputs, SmoothResult, sequence_inputs
 from .spec import ModelSpec
+from .streaming import StreamOutput, StreamState, init_stream, stream_filter, stream_step
 
 __all__ = [
     "FHMV",
-    "FHMVParams",
     "Factors",
     "FilterResult",
-    "InferenceInputs",
+    "JumpChain",
+    "MarkovLeverage",
     "ModelSpec",
+    "NoLeverage",
+    "PersistenceChains",
+    "PredictableLeverage",
+    "RegimeChain",
     "Sample",
+    "SequenceInputs",
     "SmoothResult",
+    "StreamOutput",
+    "StreamState",
+    "StudentTMixture",
     "example_model",
-    "inference_inputs",
+    "init_stream",
+    "sequence_inputs",
+    "stream_filter",
+    "stream_step",
 ]

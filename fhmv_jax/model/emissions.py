@@ -18,11 +18,14 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import gammaln
 
 from .._types import Array, Float
+from .params import AbstractBlock, as_array, bounded, check_interval, check_stochastic, cholesky_factor, logit, safe_log
 from .spec import ModelSpec
 
 
@@ -118,36 +121,173 @@ def scaled_mahalanobis(terms: MahalanobisTerms, log_scale: Float[Array, "T V"]) 
     return delta + 2 * terms.cross[..., None] * jnp.sqrt(inv_scale) + terms.rest[..., None]
 
 
-def component_log_normalisers(
-    spec: ModelSpec, chol: Float[Array, "G K D D"], dof: Float[Array, "G K"] | None
-) -> Float[Array, "G K"]:
-    """Everything in log t_D (or log N) that depends on neither y nor s."""
-    D = spec.num_features
-    half_log_det = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-    if spec.gaussian:
-        return -0.5 * D * math.log(2 * math.pi) - half_log_det
-    return gammaln((dof + D) / 2) - gammaln(dof / 2) - 0.5 * D * jnp.log(dof * math.pi) - half_log_det
+class ComponentTerms(NamedTuple):
+    """Per (t, g, k, v) quantities, cheap to recompute inside fused reductions.
 
-
-def component_log_densities(
-    spec: ModelSpec,
-    normalisers: Float[Array, "G K"],
-    dof: Float[Array, "G K"] | None,
-    delta: Float[Array, "T G K V"],
-    log_scale: Float[Array, "T V"],
-) -> tuple[Float[Array, "T G K V"], Float[Array, "T G K V"] | None]:
-    """log t_D(y_t; mu_{g,k}, s_{t,v} Sigma_{g,k}, nu_{g,k}) (or the Gaussian density).
-
-    Returns:
-        (log densities, log(1 + delta / nu) or ``None`` when gaussian), the latter reused by
-        the E-step for E[log W].
+    Attributes:
+        weighted_log_dens: log w_{g,k} + log t_D(y_t; mu_{g,k}, s_t(v) Sigma_{g,k}, nu_{g,k}).
+        delta: delta(s_t(v)), the scaled Mahalanobis distance.
+        log_ratio: log(1 + delta / nu) (``None`` when gaussian).
     """
-    scale_term = -0.5 * spec.num_scaled_features * log_scale[:, None, None, :]
-    if spec.gaussian:
-        return normalisers[None, :, :, None] + scale_term - 0.5 * delta, None
-    nu = dof[None, :, :, None]
-    log_ratio = jnp.log1p(delta / nu)
-    return normalisers[None, :, :, None] + scale_term - 0.5 * (nu + spec.num_features) * log_ratio, log_ratio
+
+    weighted_log_dens: Float[Array, "T G K V"]
+    delta: Float[Array, "T G K V"]
+    log_ratio: Float[Array, "T G K V"] | None
+
+
+class BlockTerms(NamedTuple):
+    """Emission terms of L steps, as expressions that XLA fuses into their consumers.
+
+    Attributes:
+        log_scale: [L, V] (or [1, V]) log s_t(v).
+        components: the ``ComponentTerms``, [L, G, K, V].
+        shift: [L] m_t, the largest weighted component log-density of the step.
+        scaled_components: [L, G, K, V] w_{g,k} t_D(y_t; ...) / exp(m_t), in [0, 1].
+        scaled: [L, G, V] b_t(g, v) / exp(m_t) = sum_k ``scaled_components``.
+    """
+
+    log_scale: Array
+    components: ComponentTerms
+    shift: Float[Array, " L"]
+    scaled_components: Float[Array, "L G K V"]
+    scaled: Float[Array, "L G V"]
+
+
+class StudentTMixture(AbstractBlock):
+    """Each regime's K-component Student-t (or Gaussian) mixture, rescaled by the volatility factors.
+
+    Attributes:
+        dof_bounds: (lower, upper) bounds of nu (static).
+        scale_mask: D flags of the features the scale multiplies, ``None`` for all (static).
+        log_weights: [G, K] log mixture weights.
+        means: [G, K, D] component means.
+        chol_raw: [G, K, D, D] log-Cholesky factors of Sigma: strict lower triangle as is, log diagonal
+            (the upper triangle is unused).
+        dof_raw: [G, K] logit of (nu - lower) / (upper - lower); ``None`` for Gaussian components.
+    """
+
+    dof_bounds: tuple[float, float] = eqx.field(static=True)
+    scale_mask: tuple[bool, ...] | None = eqx.field(static=True)
+    log_weights: Float[Array, "G K"]
+    means: Float[Array, "G K D"]
+    chol_raw: Float[Array, "G K D D"]
+    dof_raw: Float[Array, "G K"] | None
+
+    @classmethod
+    def static_fields(cls, spec):
+        return {"dof_bounds": spec.dof_bounds, "scale_mask": spec.scale_mask}
+
+    @classmethod
+    def natural_shapes(cls, spec):
+        G, K, D = spec.num_regimes, spec.num_components, spec.num_features
+        shapes = {"weights": (G, K), "means": (G, K, D), "covariances": (G, K, D, D)}
+        return shapes | ({} if spec.gaussian else {"dof": (G, K)})
+
+    @classmethod
+    def raw_shapes(cls, spec):
+        G, K, D = spec.num_regimes, spec.num_components, spec.num_features
+        return {"log_weights": (G, K), "means": (G, K, D), "chol_raw": (G, K, D, D),
+                "dof_raw": None if spec.gaussian else (G, K)}
+
+    @classmethod
+    def from_natural(cls, spec, values, dtype=None):
+        check_stochastic("weights", values["weights"])
+        dof_raw = None
+        if "dof" in values:
+            low, high = spec.dof_bounds
+            check_interval("dof", values["dof"], low, high, "both")
+            dof_raw = logit((values["dof"] - low) / (high - low))
+        return cls(spec.dof_bounds, spec.scale_mask, as_array(safe_log(values["weights"]), dtype),
+                   as_array(values["means"], dtype), as_array(_covariance_raw(values["covariances"]), dtype),
+                   as_array(dof_raw, dtype))
+
+    @property
+    def gaussian(self) -> bool:
+        return self.dof_raw is None
+
+    @property
+    def num_features(self) -> int:
+        return self.means.shape[-1]
+
+    @property
+    def num_scaled_features(self) -> int:
+        """D_s: how many features the volatility scale multiplies."""
+        return self.num_features if self.scale_mask is None else sum(self.scale_mask)
+
+    def weights(self) -> Float[Array, "G K"]:
+        return jax.nn.softmax(self.log_weights, axis=-1)
+
+    def cholesky(self) -> Float[Array, "G K D D"]:
+        """U with Sigma = U U^T, lower triangular with a positive diagonal."""
+        return cholesky_factor(self.chol_raw)
+
+    def dof(self) -> Float[Array, "G K"] | None:
+        """nu in ``dof_bounds`` (``None`` for Gaussian components)."""
+        return None if self.gaussian else bounded(self.dof_raw, *self.dof_bounds)
+
+    def natural(self):
+        chol = self.cholesky()
+        values = {"weights": self.weights(), "means": self.means, "covariances": chol @ jnp.swapaxes(chol, -1, -2)}
+        return values | ({} if self.gaussian else {"dof": self.dof()})
+
+    @property
+    def num_free_parameters(self) -> int:
+        G, K, D = self.means.shape
+        return G * (K - 1) + G * K * D + G * K * D * (D + 1) // 2 + (0 if self.gaussian else G * K)
+
+    def permuted(self, order: np.ndarray) -> StudentTMixture:
+        """The mixture with regime i being the old regime ``order[i]``."""
+        return self.replace(**{name: value[order] for name, value in self.raw_arrays().items() if value is not None})
+
+    def log_normalisers(self, chol: Float[Array, "G K D D"]) -> Float[Array, "G K"]:
+        """Everything in log t_D (or log N) that depends on neither y nor s."""
+        D = self.num_features
+        half_log_det = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+        if self.gaussian:
+            return -0.5 * D * math.log(2 * math.pi) - half_log_det
+        dof = self.dof()
+        return gammaln((dof + D) / 2) - gammaln(dof / 2) - 0.5 * D * jnp.log(dof * math.pi) - half_log_det
+
+    def component_terms(self, mahalanobis: MahalanobisTerms, log_scale: Float[Array, "T V"]) -> ComponentTerms:
+        """log w_{g,k} + log t_D(y_t; mu_{g,k}, s_t(v) Sigma_{g,k}, nu_{g,k}) (or the Gaussian density) and its parts.
+
+        Args:
+            mahalanobis: the quadratic forms of the steps (``mahalanobis_terms``).
+            log_scale: [T, V] (or [1, V]) log s_t(v).
+        """
+        delta = scaled_mahalanobis(mahalanobis, log_scale)
+        normalisers = self.log_normalisers(self.cholesky())[None, :, :, None]
+        scale_term = -0.5 * self.num_scaled_features * log_scale[:, None, None, :]
+        log_ratio = None
+        if self.gaussian:
+            component = normalisers + scale_term - 0.5 * delta
+        else:
+            nu = self.dof()[None, :, :, None]
+            log_ratio = jnp.log1p(delta / nu)
+            component = normalisers + scale_term - 0.5 * (nu + self.num_features) * log_ratio
+        weighted = component + jax.nn.log_softmax(self.log_weights, axis=-1)[None, :, :, None]
+        return ComponentTerms(weighted, delta, log_ratio)
+
+    def block_terms(self, inv_chol: Array, y: Float[Array, "L D"], log_scale: Array) -> BlockTerms:
+        """``BlockTerms`` of L steps (``inv_chol``: U^{-1} of every component, computed once outside any loop)."""
+        components = self.component_terms(mahalanobis_terms(y, self.means, inv_chol, self.scale_mask), log_scale)
+        shift = jax.lax.stop_gradient(jnp.max(components.weighted_log_dens, axis=(1, 2, 3)))
+        scaled_components = jnp.exp(components.weighted_log_dens - shift[:, None, None, None])
+        return BlockTerms(log_scale, components, shift, scaled_components, jnp.sum(scaled_components, axis=2))
+
+
+def _covariance_raw(covariances: np.ndarray) -> np.ndarray:
+    """Log-Cholesky storage of symmetric positive definite matrices (checked)."""
+    if not np.allclose(covariances, np.swapaxes(covariances, -1, -2), rtol=1e-10, atol=1e-12):
+        raise ValueError("covariances must be symmetric")
+    chol = np.zeros_like(covariances)
+    for index in np.ndindex(covariances.shape[:-2]):
+        try:
+            chol[index] = np.linalg.cholesky(covariances[index])
+        except np.linalg.LinAlgError:
+            raise ValueError(f"covariances{list(index)} is not positive definite") from None
+    diagonal = np.diagonal(chol, axis1=-2, axis2=-1)
+    return np.tril(chol, -1) + np.log(diagonal)[..., None] * np.eye(covariances.shape[-1])
 
 
 def log_sum_exp(values: Array, axis: int) -> Array:

@@ -1,8 +1,10 @@
-"""The FHMV model: an Equinox module holding a spec and unconstrained parameters.
+"""The FHMV model: an Equinox module composing one parameter block per factor.
 
-The model turns its parameters into inference arrays in one place (``inference_inputs``):
-the law of h_1 over the joint state tensor, one transition matrix per factor and the
-emission log-densities; the routines in ``fhmv_jax.inference`` take those arrays.
+The model turns its parameters into the inputs of the inference core in one place
+(``sequence_inputs``): the law of h_1 over the joint state tensor, one transition matrix per
+factor axis (time-varying where the driver moves it), the volatility log-scales (the leverage
+path included) and the emission terms of any block of steps. The read-outs (filter, smoother,
+Viterbi), streaming, the E-step and the sampler all start there.
 """
 
 from __future__ import annotations
@@ -13,13 +15,85 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import inference
-from .._checks import check_observations
-from .._types import Array, Float, Int, PRNGKeyArray, Scalar
-from . import emissions, factors
-from .params import FHMVParams, cholesky_factor, natural_parameters, params_from_natural
+from .._types import Array, Bool, Float, Int, PRNGKeyArray, Scalar
+from .emissions import BlockTerms, StudentTMixture, inverse_cholesky, log_sum_exp
+from .factors import (
+    LEVERAGE_BLOCKS,
+    AbstractChainFactor,
+    AbstractLeverage,
+    AbstractVolatilityFactor,
+    JumpChain,
+    MarkovLeverage,
+    NoLeverage,
+    PersistenceChains,
+    PredictableLeverage,
+    RegimeChain,
+    log_leverage,
+    push_shock,
+)
+from .inputs import check_observations
+from .params import AbstractBlock, Shape
 from .spec import ModelSpec
+
+_SLOT_BLOCKS: dict[str, tuple[type[AbstractBlock], ...]] = {
+    "regime": (RegimeChain,),
+    "emission": (StudentTMixture,),
+    "persistence": (PersistenceChains,),
+    "jump": (JumpChain,),
+    "leverage": (NoLeverage, PredictableLeverage, MarkovLeverage),
+}
+"""Every block type each slot of an ``FHMV`` may hold, in field order (the model file's array order)."""
+
+
+def block_classes(spec: ModelSpec) -> dict[str, type[AbstractBlock] | None]:
+    """The block type of every slot under ``spec`` (``None``: the slot is empty)."""
+    return {
+        "regime": RegimeChain,
+        "emission": StudentTMixture,
+        "persistence": PersistenceChains if spec.num_chains >= 1 else None,
+        "jump": JumpChain if spec.has_jumps else None,
+        "leverage": LEVERAGE_BLOCKS[spec.leverage],
+    }
+
+
+def natural_shapes(spec: ModelSpec) -> dict[str, Shape]:
+    """Natural-parameter keys a spec uses, with their shapes (ARCHITECTURE.md)."""
+    return {k: v for cls in block_classes(spec).values() if cls is not None for k, v in cls.natural_shapes(spec).items()}
+
+
+def raw_layout(spec: ModelSpec) -> dict[str, Shape | None]:
+    """The shape under ``spec`` of every array any block may store, ``None`` for those this spec leaves unused."""
+    layout: dict[str, Shape | None] = {}
+    for candidates in _SLOT_BLOCKS.values():
+        for cls in candidates:
+            layout |= {name: None for name in cls.raw_shapes(spec) if name not in layout}
+    for cls in block_classes(spec).values():
+        if cls is not None:
+            layout |= cls.raw_shapes(spec)
+    return layout
+
+
+def _check_natural(spec: ModelSpec, values: dict) -> dict[str, np.ndarray]:
+    """The natural values as float64 arrays, after checking keys, shapes and finiteness."""
+    expected = natural_shapes(spec)
+    missing = sorted(set(expected) - set(values))
+    unknown = sorted(set(values) - set(expected))
+    if missing:
+        raise ValueError(f"missing natural parameters for this spec: {missing}")
+    if unknown:
+        raise ValueError(f"natural parameters not used by this spec: {unknown} (spec uses {sorted(expected)})")
+    arrays = {}
+    for key, shape in expected.items():
+        array = np.asarray(values[key], dtype=np.float64)
+        if array.shape != shape:
+            raise ValueError(f"natural parameter {key!r} has shape {array.shape}, expected {shape}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"natural parameter {key!r} has non-finite values")
+        arrays[key] = array
+    return arrays
 
 
 class Factors(NamedTuple):
@@ -85,258 +159,60 @@ class Sample(NamedTuple):
     driver: Float[Array, " T"] | None
 
 
-class InferenceInputs(NamedTuple):
-    """Arrays the inference routines consume.
-
-    Attributes:
-        initial_probs: [*state_shape] law of h_1 (a product of the factors' laws).
-        transitions: one matrix per factor axis, [n, n] or [T, n, n].
-        log_likelihoods: [T, *state_shape] log p(y_t | h_t).
-    """
-
-    initial_probs: Float[Array, "..."]
-    transitions: tuple[Array, ...]
-    log_likelihoods: Float[Array, "T ..."]
-
-
-def _outer(vectors) -> Array:
-    total = vectors[0]
-    for v in vectors[1:]:
-        total = total[..., None] * v.reshape((1,) * total.ndim + v.shape)
-    return total
-
-
-def _factor_laws(spec: ModelSpec, natural: dict) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
-    """Per-factor initial laws and time-invariant transitions, in axis order (leverage excluded)."""
-    dtype = natural["means"].dtype
-    half = jnp.full((2,), 0.5, dtype)
-    laws, matrices = [natural["initial_regime"]], [natural["regime_transition"]]
-    for p in natural.get("persistence_stay", ()):
-        laws.append(half)
-        matrices.append(factors.persistence_matrix(p))
-    if spec.has_jumps:
-        laws.append(factors.jump_stationary_law(natural["jump_transition"]))
-        matrices.append(natural["jump_transition"])
-    return tuple(laws), tuple(matrices)
-
-
-def log_scales(spec: ModelSpec, natural: dict, x: Array | None) -> Float[Array, "T V"]:
-    """log s_t(v) for every step and volatility sub-state ([1, V] when it does not vary in time)."""
-    static = factors.log_volatility_scales(spec, natural)[None, :]
-    if spec.leverage != "predictable":
-        return static
-    log_leverage = factors.predictable_log_leverage(x, natural["l1"], natural.get("theta_l"), spec.num_leverage_lags)
-    return static + log_leverage[:, None]
-
-
-class EmissionTerms(NamedTuple):
-    """Emission quantities shared by inference and the E-step (nothing per (t, g, k, v) is stored).
-
-    Attributes:
-        log_scale: [T, V] (or [1, V]) log s_t(v) per volatility sub-state.
-        mahalanobis: quadratic forms of y_t - mu_{g,k}, each [T, G, K].
-        log_emissions: [T, G, V] log b_t(g, v) = LSE_k (log w_{g,k} + log t_D(y_t; ...)).
-    """
-
-    log_scale: Float[Array, "T V"]
-    mahalanobis: emissions.MahalanobisTerms
-    log_emissions: Float[Array, "T G V"]
-
-
-class ComponentTerms(NamedTuple):
-    """Per (t, g, k, v) quantities, cheap to recompute inside fused reductions.
-
-    Attributes:
-        weighted_log_dens: log w_{g,k} + log t_D(y_t; mu_{g,k}, s_t(v) Sigma_{g,k}, nu_{g,k}).
-        delta: delta(s_t(v)), the scaled Mahalanobis distance.
-        log_ratio: log(1 + delta / nu) (``None`` when gaussian).
-    """
-
-    weighted_log_dens: Float[Array, "T G K V"]
-    delta: Float[Array, "T G K V"]
-    log_ratio: Float[Array, "T G K V"] | None
-
-
-def component_terms(
-    spec: ModelSpec, params: FHMVParams, natural: dict, mahalanobis: emissions.MahalanobisTerms, log_scale: Array
-) -> ComponentTerms:
-    """Elementwise component log-densities; see ``emissions``."""
-    chol = cholesky_factor(params.chol_raw)
-    dof = natural.get("dof")
-    delta = emissions.scaled_mahalanobis(mahalanobis, log_scale)
-    normalisers = emissions.component_log_normalisers(spec, chol, dof)
-    component, log_ratio = emissions.component_log_densities(spec, normalisers, dof, delta, log_scale)
-    weighted = component + jax.nn.log_softmax(params.log_weights, axis=-1)[None, :, :, None]
-    return ComponentTerms(weighted, delta, log_ratio)
-
-
-def emission_terms(spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, x: Array | None) -> EmissionTerms:
-    """log b_t(g, v) = LSE_k of the weighted component densities (one fused reduction)."""
-    return emission_terms_at_scale(spec, params, natural, y, log_scales(spec, natural, x))
-
-
-def emission_terms_at_scale(
-    spec: ModelSpec, params: FHMVParams, natural: dict, y: Array, log_scale: Float[Array, "T V"]
-) -> EmissionTerms:
-    """``emission_terms`` for given log s_t(v) ([T, V] or [1, V]), e.g. one step of a streaming filter."""
-    chol = cholesky_factor(params.chol_raw)
-    mahalanobis = emissions.mahalanobis_terms(y, params.means, emissions.inverse_cholesky(chol), spec.scale_mask)
-    weighted = component_terms(spec, params, natural, mahalanobis, log_scale).weighted_log_dens
-    return EmissionTerms(log_scale, mahalanobis, emissions.log_sum_exp(weighted, axis=2))
-
-
-def initial_law(spec: ModelSpec, natural: dict) -> Float[Array, "*state"]:
-    """The law of h_1 over the joint state tensor (a product of the factors' laws)."""
-    laws, _ = _factor_laws(spec, natural)
-    if spec.leverage == "markov":
-        laws = laws + (jnp.full((2,), 0.5, natural["means"].dtype),)
-    return _outer(laws)
-
-
-def step_transitions(spec: ModelSpec, natural: dict, x_prev: Float[Array, ""] | None) -> tuple[Array, ...]:
-    """One [n, n] transition matrix per factor axis for a single step t - 1 -> t, given the driver x_{t-1}."""
-    _, matrices = _factor_laws(spec, natural)
-    if spec.leverage == "markov":
-        matrices = matrices + (factors.leverage_transition(natural["leverage_logits"], x_prev),)
-    return matrices
-
-
-def chain_arrays(spec: ModelSpec, natural: dict, x: Array | None) -> tuple[Array, tuple[Array, ...]]:
-    """The law of h_1 over the joint state tensor and one transition matrix per factor axis."""
-    _, matrices = _factor_laws(spec, natural)
-    if spec.leverage == "markov":
-        matrices = matrices + (factors.markov_leverage_transitions(natural["leverage_logits"], x),)
-    return initial_law(spec, natural), matrices
-
-
-def inference_inputs(spec: ModelSpec, params: FHMVParams, y: Array, x: Array | None) -> InferenceInputs:
-    """The one place where parameters become inference arrays."""
-    natural = natural_parameters(spec, params)
-    initial, transitions = chain_arrays(spec, natural, x)
-    log_b = emission_terms(spec, params, natural, y, x).log_emissions
-    return InferenceInputs(initial, transitions, log_b.reshape((y.shape[0],) + spec.state_shape))
-
-
-def _split_factors(spec: ModelSpec, per_axis: list[Array], stack_axis: int) -> Factors:
-    """Group per-axis arrays into ``Factors`` (chains stacked along ``stack_axis``)."""
-    n = spec.num_chains
-    rest = per_axis[1 + n :]
-    jump = rest.pop(0) if spec.has_jumps else None
-    leverage = rest.pop(0) if spec.leverage == "markov" else None
-    persistence = jnp.stack(per_axis[1 : 1 + n], axis=stack_axis) if n else None
-    return Factors(per_axis[0], persistence, jump, leverage)
-
-
-def _marginals(spec: ModelSpec, joint: Float[Array, "T ..."]) -> Factors:
-    axes = tuple(range(1, joint.ndim))
-    per_axis = [jnp.sum(joint, axis=tuple(a for a in axes if a != axis)) for axis in axes]
-    return _split_factors(spec, per_axis, stack_axis=1)
-
-
-@eqx.filter_jit
-def _log_likelihood(model: FHMV, y: Array, x: Array | None) -> Scalar:
-    arrays = inference_inputs(model.spec, model.params, y, x)
-    return inference.forward_filter(*arrays).marginal_loglik
-
-
-@eqx.filter_jit
-def _filter(model: FHMV, y: Array, x: Array | None) -> FilterResult:
-    posterior = inference.forward_filter(*inference_inputs(model.spec, model.params, y, x))
-    joint = posterior.filtered_probs
-    return FilterResult(posterior.marginal_loglik, _marginals(model.spec, joint), joint)
-
-
-@eqx.filter_jit
-def _smooth(model: FHMV, y: Array, x: Array | None) -> SmoothResult:
-    posterior = inference.smoother(*inference_inputs(model.spec, model.params, y, x))
-    joint = posterior.smoothed_probs
-    pairwise = _split_factors(model.spec, list(posterior.pairwise), stack_axis=1)
-    return SmoothResult(posterior.marginal_loglik, _marginals(model.spec, joint), pairwise, joint)
-
-
-@eqx.filter_jit
-def _viterbi(model: FHMV, y: Array, x: Array | None) -> Factors:
-    path = inference.most_likely_states(*inference_inputs(model.spec, model.params, y, x))
-    return _split_factors(model.spec, list(path.T), stack_axis=1)
-
-
-@eqx.filter_jit
-def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> Sample:
-    spec, params = model.spec, model.params
-    natural = natural_parameters(spec, params)
-    dtype = params.dtype
-    laws, matrices = _factor_laws(spec, natural)
-    static_log_scale = factors.log_volatility_scales(spec, natural)
-    chol = cholesky_factor(params.chol_raw)
-    mask = jnp.ones(spec.num_features, dtype) if spec.scale_mask is None else jnp.asarray(spec.scale_mask, dtype)
-    num_lags = spec.num_leverage_lags if spec.leverage == "predictable" else 1
-    if spec.leverage == "predictable":
-        lag_weights = factors.leverage_lag_weights(natural["l1"], natural.get("theta_l"), num_lags)
-
-    def _draw_state(key, t, state, x_prev):
-        keys = jax.random.split(key, len(laws) + 1)
-        new = []
-        for k, law, matrix, s in zip(keys, laws, matrices, state):
-            probs = jnp.where(t == 0, law, matrix[s])
-            new.append(jax.random.categorical(k, jnp.log(probs)).astype(jnp.int32))
-        if spec.leverage == "markov":
-            row = factors.leverage_transition(natural["leverage_logits"], x_prev)[state[-1]]
-            probs = jnp.where(t == 0, jnp.full(2, 0.5, dtype), row)
-            new.append(jax.random.categorical(keys[-1], jnp.log(probs)).astype(jnp.int32))
-        return tuple(new)
-
-    def _step(carry, inputs):
-        state, recent_g, x_prev = carry
-        key, t, x_given = inputs
-        k_state, k_comp, k_normal, k_gamma = jax.random.split(key, 4)
-        state = _draw_state(k_state, t, state, x_prev)
-        regime = state[0]
-        volatility = jnp.ravel_multi_index(state[1:], spec.volatility_shape, mode="clip") if state[1:] else 0
-        log_l = factors.log_leverage(lag_weights, recent_g) if spec.leverage == "predictable" else 0.0
-        log_scale = static_log_scale[volatility] + log_l
-        component = jax.random.categorical(k_comp, params.log_weights[regime])
-        z = chol[regime, component] @ jax.random.normal(k_normal, (spec.num_features,), dtype)
-        if not spec.gaussian:
-            nu = natural["dof"][regime, component]
-            z = z * jax.lax.rsqrt(jax.random.gamma(k_gamma, nu / 2, dtype=dtype) / (nu / 2))
-        y_t = params.means[regime, component] + jnp.exp(0.5 * log_scale * mask) * z
-        x_t = y_t[spec.driver_feature] if x is None and spec.needs_driver else x_given
-        if spec.leverage == "predictable":
-            recent_g = factors.push_shock(recent_g, x_t, log_l)
-        return (state, recent_g, x_t), (y_t, jnp.stack(state), component, log_scale, x_t)
-
-    num_axes = len(spec.state_shape)
-    start = (tuple(jnp.zeros((), jnp.int32) for _ in range(num_axes)), jnp.zeros(num_lags, dtype), jnp.zeros((), dtype))
-    x_steps = jnp.zeros(num_steps, dtype) if x is None else x
-    keys = jax.random.split(key, num_steps)
-    _, (y, states, components, log_scale, driver) = jax.lax.scan(
-        _step, start, (keys, jnp.arange(num_steps), x_steps)
-    )
-    paths = _split_factors(spec, list(states.T), stack_axis=1)
-    return Sample(y, paths, components, log_scale, driver if spec.needs_driver else None)
-
-
 class FHMV(eqx.Module):
     """Factorial hidden Markov volatility model with Student-t mixture emissions (MODEL.md).
 
     Attributes:
         spec: static sizes and modes.
-        params: unconstrained parameters (any real values are a valid model).
+        regime: the regime chain (``RegimeChain``).
+        emission: each regime's mixture (``StudentTMixture``).
+        persistence: the persistence chains (``PersistenceChains``; ``None`` when N = 0).
+        jump: the jump chain (``JumpChain``; ``None`` when N_M = 1).
+        leverage: ``NoLeverage``, ``PredictableLeverage`` or ``MarkovLeverage``.
 
-    Build one with ``FHMV.from_natural_parameters`` or ``fhmv_jax.init_model``. Methods take
-    y of shape [T, D] and, for leverage modes that need it, the driver x of shape [T].
+    Every block stores unconstrained values, so any real arrays are a valid model. Build one
+    with ``FHMV.from_natural_parameters`` or ``fhmv_jax.init_model``. Methods take y of shape
+    [T, D] and, for leverage modes that need it, the driver x of shape [T].
     """
 
     spec: ModelSpec = eqx.field(static=True)
-    params: FHMVParams
+    regime: RegimeChain
+    emission: StudentTMixture
+    persistence: PersistenceChains | None
+    jump: JumpChain | None
+    leverage: AbstractLeverage
 
     def __check_init__(self):
-        p, s = self.params, self.spec
-        expected = (s.num_regimes, s.num_components, s.num_features)
-        if p.means.shape != expected:
-            raise ValueError(f"params.means has shape {p.means.shape}, the spec implies {expected}")
-        if (p.dof_raw is None) != s.gaussian:
-            raise ValueError("params.dof_raw must be present exactly when the spec is not gaussian")
+        for slot, cls in block_classes(self.spec).items():
+            block = getattr(self, slot)
+            if cls is None:
+                if block is not None:
+                    raise ValueError(f"the spec has no {slot} factor, but {slot} holds a {type(block).__name__}")
+                continue
+            if not isinstance(block, cls):
+                raise ValueError(f"{slot} must be a {cls.__name__} for this spec, got {type(block).__name__}")
+            for name, value in cls.static_fields(self.spec).items():
+                if getattr(block, name) != value:
+                    raise ValueError(f"{slot}.{name} is {getattr(block, name)!r}, the spec implies {value!r}")
+            block.check_shapes(self.spec, slot)
+
+    def blocks(self) -> dict[str, AbstractBlock]:
+        """The parameter blocks in use, by slot, in field order."""
+        return {slot: getattr(self, slot) for slot, cls in block_classes(self.spec).items() if cls is not None}
+
+    @property
+    def chain_factors(self) -> tuple[AbstractChainFactor, ...]:
+        """The factors with state axes, in axis order."""
+        return tuple(b for b in (self.regime, self.persistence, self.jump, self.leverage) if b is not None)
+
+    @property
+    def volatility_factors(self) -> tuple[AbstractVolatilityFactor, ...]:
+        """The factors that rescale the emissions, in axis order."""
+        return tuple(b for b in (self.persistence, self.jump, self.leverage) if b is not None)
+
+    @property
+    def dtype(self):
+        return self.emission.means.dtype
 
     @classmethod
     def from_natural_parameters(cls, spec: ModelSpec, *, dtype=None, **natural) -> FHMV:
@@ -347,18 +223,63 @@ class FHMV(eqx.Module):
                 probability row not summing to one, c1 <= 1, dof outside its bounds, a
                 covariance that is not positive definite, ...).
         """
-        return cls(spec, params_from_natural(spec, natural, dtype=dtype))
+        values = _check_natural(spec, natural)
+        blocks = {
+            slot: None if block is None else block.from_natural(
+                spec, {k: values[k] for k in block.natural_shapes(spec)}, dtype)
+            for slot, block in block_classes(spec).items()
+        }
+        return cls(spec, **blocks)
+
+    @classmethod
+    def from_raw_arrays(cls, spec: ModelSpec, arrays: dict[str, Array | None]) -> FHMV:
+        """The model of stored unconstrained arrays (every name of ``raw_layout(spec)``)."""
+        blocks = {slot: None if block is None else block.from_raw(spec, arrays)
+                  for slot, block in block_classes(spec).items()}
+        return cls(spec, **blocks)
+
+    def raw_arrays(self) -> dict[str, Array | None]:
+        """Every array of ``raw_layout(spec)`` by name, ``None`` where unused."""
+        arrays = dict.fromkeys(raw_layout(self.spec))
+        for block in self.blocks().values():
+            arrays |= block.raw_arrays()
+        return arrays
 
     def natural_parameters(self) -> dict[str, Array]:
         """Constrained parameter values; keys the spec does not use are absent (ARCHITECTURE.md)."""
-        return natural_parameters(self.spec, self.params)
+        return {k: v for block in self.blocks().values() for k, v in block.natural().items()}
+
+    @property
+    def num_free_parameters(self) -> int:
+        """The number of free scalar parameters (ties and implied values respected), e.g. for BIC."""
+        return sum(block.num_free_parameters for block in self.blocks().values())
 
     def astype(self, dtype) -> FHMV:
         """The same model with parameters cast to ``dtype`` (e.g. float32 for GPUs)."""
         return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
 
+    def permuted_regimes(self, order) -> FHMV:
+        """The same model with regime ``i`` being the old regime ``order[i]`` (likelihoods unchanged)."""
+        order = np.asarray(order)
+        return eqx.tree_at(lambda m: (m.regime, m.emission), self,
+                           (self.regime.permuted(order), self.emission.permuted(order)))
+
+    def magnitudes(self) -> dict[str, Array]:
+        """The volatility magnitudes (c_1, theta_c, m_1, theta_m, l_1, theta_l) in use, unconstrained, by field name."""
+        return {k: v for factor in self.volatility_factors for k, v in factor.magnitudes().items()}
+
+    def with_magnitudes(self, values: dict[str, Array]) -> FHMV:
+        """The model with the named magnitudes (as ``magnitudes()`` returns them) replaced."""
+
+        def updated(factor):
+            return None if factor is None else factor.replace(**{k: values[k] for k in factor.magnitudes()})
+
+        return eqx.tree_at(lambda m: (m.persistence, m.jump, m.leverage), self,
+                           (updated(self.persistence), updated(self.jump), updated(self.leverage)),
+                           is_leaf=lambda node: node is None)
+
     def _inputs(self, y, x):
-        return check_observations(self.spec, y, x, dtype=self.params.dtype)
+        return check_observations(self.spec, y, x, dtype=self.dtype)
 
     def log_likelihood(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None) -> Scalar:
         """log p(y_{1:T}) by the scaled forward filter; differentiable in the parameters."""
@@ -390,7 +311,243 @@ class FHMV(eqx.Module):
                 f"leverage={self.spec.leverage!r} needs a driver: pass x (shape [num_steps]) or set ModelSpec.driver_feature"
             )
         if x is not None:
-            x = jnp.asarray(x, dtype=self.params.dtype)
+            x = jnp.asarray(x, dtype=self.dtype)
             if x.shape != (num_steps,):
                 raise ValueError(f"driver x must have shape ({num_steps},), got {x.shape}")
         return _sample(self, key, x, num_steps)
+
+
+# ----------------------------------------------------------------------------------------
+# parameters -> inference inputs
+
+
+def _outer(vectors) -> Array:
+    total = vectors[0]
+    for v in vectors[1:]:
+        total = total[..., None] * v.reshape((1,) * total.ndim + v.shape)
+    return total
+
+
+def initial_law(model: FHMV) -> Float[Array, "*state"]:
+    """The law of h_1 over the joint state tensor (a product of the factors' laws)."""
+    return _outer([law for factor in model.chain_factors for law in factor.initial_laws()])
+
+
+def transition_matrices(model: FHMV, x: Float[Array, " T"] | None) -> tuple[Array, ...]:
+    """One matrix per factor axis: [n, n], or [T, n, n] (entry t from step t to t + 1, driven by x_t)."""
+    return tuple(m for factor in model.chain_factors for m in factor.transition_matrices(x))
+
+
+def volatility_log_scales(model: FHMV) -> Float[Array, " V"]:
+    """log C(e) + log M(J) (+ V log l_1 for Markov leverage) per volatility sub-state, flattened."""
+    per_axis = [values for factor in model.volatility_factors for values in factor.axis_log_scales()]
+    total = jnp.zeros((), model.dtype)
+    for axis, values in enumerate(per_axis):
+        shape = [1] * len(per_axis)
+        shape[axis] = values.shape[0]
+        total = total + values.reshape(shape)
+    return jnp.broadcast_to(total, model.spec.volatility_shape).reshape(-1)
+
+
+def initial_shocks(model: FHMV) -> Float[Array, " L"]:
+    """The leverage shocks carried into the first step (zeros)."""
+    return jnp.zeros(model.leverage.num_shocks, model.dtype)
+
+
+def log_scales(model: FHMV, x: Float[Array, " T"] | None, shocks: Array) -> tuple[Array, Array]:
+    """(log s_t(v) per step and volatility sub-state, [T, V] or [1, V] when it does not vary in time;
+    the leverage shocks after the last step), continuing from ``shocks``."""
+    static = volatility_log_scales(model)[None, :]
+    shocks, path = model.leverage.log_leverage_path(x, shocks)
+    return (static if path is None else static + path[:, None]), shocks
+
+
+class Emissions(eqx.Module):
+    """The emission terms of any block of steps of one sequence.
+
+    Attributes:
+        mixture: the model's ``StudentTMixture``.
+        inv_chol: [G, K, D, D] U^{-1} of every component (computed once, outside every loop).
+        log_scale: [1, V] the time-invariant log-scales, or ``None`` when the rows carry them.
+        state_shape: the joint state shape (static).
+    """
+
+    mixture: StudentTMixture
+    inv_chol: Array
+    log_scale: Array | None
+    state_shape: tuple[int, ...] = eqx.field(static=True)
+
+    def terms(self, rows) -> tuple[Float[Array, "L D"], BlockTerms]:
+        """(y of the rows, their ``BlockTerms``)."""
+        y, log_scale = (rows, self.log_scale) if self.log_scale is not None else rows
+        return y, self.mixture.block_terms(self.inv_chol, y, log_scale)
+
+    def likelihoods(self, rows) -> tuple[Float[Array, "L ..."], Float[Array, " L"]]:
+        """([L, *state_shape] p(y_t | h_t) / exp(m_t), [L] m_t), m_t the step's largest component term."""
+        y, terms = self.terms(rows)
+        return terms.scaled.reshape((y.shape[0],) + self.state_shape), terms.shift
+
+    def log_densities(self, rows) -> Float[Array, "L ..."]:
+        """[L, *state_shape] log p(y_t | h_t) = LSE_k (log w + log t_D), finite however unlikely the state."""
+        y, terms = self.terms(rows)
+        return log_sum_exp(terms.components.weighted_log_dens, axis=2).reshape((y.shape[0],) + self.state_shape)
+
+
+class SequenceInputs(NamedTuple):
+    """What the inference core needs of one sequence.
+
+    Attributes:
+        initial: [*state_shape] the law of h_1 (or of the step after the carried state).
+        transitions: one matrix per factor axis (``transition_matrices``).
+        log_scale: [T, V] or [1, V] log s_t(v).
+        rows: the per-step inputs of ``emissions`` (leading axis T): y, and log s_t when it varies in time.
+        emissions: the emission terms of any block of rows.
+        shocks: the leverage shocks after the last step.
+    """
+
+    initial: Float[Array, "..."]
+    transitions: tuple[Array, ...]
+    log_scale: Array
+    rows: object
+    emissions: Emissions
+    shocks: Array
+
+
+def sequence_inputs(
+    model: FHMV, y: Float[Array, "T D"], x: Float[Array, " T"] | None, *, predicted: Array | None = None,
+    shocks: Array | None = None,
+) -> SequenceInputs:
+    """The one place where parameters become inference inputs.
+
+    Args:
+        model: the model.
+        y: [T, D] observations; x: [T] driver or ``None``.
+        predicted: the law of the first step (default: the law of h_1).
+        shocks: the leverage shocks before the first step (default: none yet).
+    """
+    log_scale, shocks = log_scales(model, x, initial_shocks(model) if shocks is None else shocks)
+    varying = log_scale.shape[0] != 1
+    emissions = Emissions(model.emission, inverse_cholesky(model.emission.cholesky()),
+                          None if varying else log_scale, model.spec.state_shape)
+    return SequenceInputs(
+        initial=initial_law(model) if predicted is None else predicted,
+        transitions=transition_matrices(model, x),
+        log_scale=log_scale,
+        rows=(y, log_scale) if varying else y,
+        emissions=emissions,
+        shocks=shocks,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# read-outs
+
+
+def _split_factors(spec: ModelSpec, per_axis: list[Array], stack_axis: int) -> Factors:
+    """Group per-axis arrays into ``Factors`` (chains stacked along ``stack_axis``)."""
+    n = spec.num_chains
+    rest = per_axis[1 + n :]
+    jump = rest.pop(0) if spec.has_jumps else None
+    leverage = rest.pop(0) if spec.leverage == "markov" else None
+    persistence = jnp.stack(per_axis[1 : 1 + n], axis=stack_axis) if n else None
+    return Factors(per_axis[0], persistence, jump, leverage)
+
+
+def _marginals(spec: ModelSpec, joint: Float[Array, "T ..."]) -> Factors:
+    axes = tuple(range(1, joint.ndim))
+    per_axis = [jnp.sum(joint, axis=tuple(a for a in axes if a != axis)) for axis in axes]
+    return _split_factors(spec, per_axis, stack_axis=1)
+
+
+def _all_steps(y: Array) -> Bool[Array, " T"]:
+    return jnp.ones(y.shape[0], bool)
+
+
+@eqx.filter_jit
+def _log_likelihood(model: FHMV, y: Array, x: Array | None) -> Scalar:
+    s = sequence_inputs(model, y, x)
+    return inference.log_likelihood(s.initial, s.transitions, s.emissions.likelihoods, s.rows, _all_steps(y))
+
+
+@eqx.filter_jit
+def _filter(model: FHMV, y: Array, x: Array | None) -> FilterResult:
+    s = sequence_inputs(model, y, x)
+    posterior = inference.forward_filter(s.initial, s.transitions, s.emissions.likelihoods, s.rows, _all_steps(y))
+    return FilterResult(posterior.log_likelihood, _marginals(model.spec, posterior.filtered), posterior.filtered)
+
+
+def smoother(model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"]) -> inference.SmootherPosterior:
+    """The forward-backward posterior of one sequence whose valid steps are ``mask`` (a prefix)."""
+    s = sequence_inputs(model, y, x)
+    return inference.smoother(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mask)
+
+
+@eqx.filter_jit
+def _smooth(model: FHMV, y: Array, x: Array | None) -> SmoothResult:
+    posterior = smoother(model, y, x, _all_steps(y))
+    joint = posterior.smoothed
+    pairwise = _split_factors(model.spec, list(posterior.pairwise), stack_axis=1)
+    return SmoothResult(posterior.log_likelihood, _marginals(model.spec, joint), pairwise, joint)
+
+
+@eqx.filter_jit
+def _viterbi(model: FHMV, y: Array, x: Array | None) -> Factors:
+    s = sequence_inputs(model, y, x)
+    path = inference.most_likely_states(s.initial, s.transitions, s.emissions.log_densities(s.rows))
+    return _split_factors(model.spec, list(path.T), stack_axis=1)
+
+
+@eqx.filter_jit
+def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> Sample:
+    spec, mixture, dtype = model.spec, model.emission, model.dtype
+    invariant = [f for f in model.chain_factors if not isinstance(f, MarkovLeverage)]
+    laws = [law for f in invariant for law in f.initial_laws()]
+    matrices = [m for f in invariant for m in f.step_matrices(None)]
+    varying = model.leverage if isinstance(model.leverage, MarkovLeverage) else None
+    static_log_scale = volatility_log_scales(model)
+    chol = mixture.cholesky()
+    dof = mixture.dof()
+    mask = jnp.ones(spec.num_features, dtype) if spec.scale_mask is None else jnp.asarray(spec.scale_mask, dtype)
+    lag_weights = model.leverage.lag_weights() if isinstance(model.leverage, PredictableLeverage) else None
+
+    def _draw_state(key, t, state, x_prev):
+        keys = jax.random.split(key, len(laws) + 1)
+        new = []
+        for k, law, matrix, s in zip(keys, laws, matrices, state):
+            probs = jnp.where(t == 0, law, matrix[s])
+            new.append(jax.random.categorical(k, jnp.log(probs)).astype(jnp.int32))
+        if varying is not None:
+            row = varying.step_matrices(x_prev)[0][state[-1]]
+            probs = jnp.where(t == 0, varying.initial_laws()[0], row)
+            new.append(jax.random.categorical(keys[-1], jnp.log(probs)).astype(jnp.int32))
+        return tuple(new)
+
+    def _step(carry, inputs):
+        state, recent_g, x_prev = carry
+        key, t, x_given = inputs
+        k_state, k_comp, k_normal, k_gamma = jax.random.split(key, 4)
+        state = _draw_state(k_state, t, state, x_prev)
+        regime = state[0]
+        volatility = jnp.ravel_multi_index(state[1:], spec.volatility_shape, mode="clip") if state[1:] else 0
+        log_l = 0.0 if lag_weights is None else log_leverage(lag_weights, recent_g)
+        log_scale = static_log_scale[volatility] + log_l
+        component = jax.random.categorical(k_comp, mixture.log_weights[regime])
+        z = chol[regime, component] @ jax.random.normal(k_normal, (spec.num_features,), dtype)
+        if dof is not None:
+            nu = dof[regime, component]
+            z = z * jax.lax.rsqrt(jax.random.gamma(k_gamma, nu / 2, dtype=dtype) / (nu / 2))
+        y_t = mixture.means[regime, component] + jnp.exp(0.5 * log_scale * mask) * z
+        x_t = y_t[spec.driver_feature] if x is None and spec.needs_driver else x_given
+        if lag_weights is not None:
+            recent_g = push_shock(recent_g, x_t, log_l)
+        return (state, recent_g, x_t), (y_t, jnp.stack(state), component, log_scale, x_t)
+
+    num_axes = len(spec.state_shape)
+    start = (tuple(jnp.zeros((), jnp.int32) for _ in range(num_axes)), initial_shocks(model), jnp.zeros((), dtype))
+    x_steps = jnp.zeros(num_steps, dtype) if x is None else x
+    keys = jax.random.split(key, num_steps)
+    _, (y, states, components, log_scale, driver) = jax.lax.scan(
+        _step, start, (keys, jnp.arange(num_steps), x_steps)
+    )
+    paths = _split_factors(spec, list(states.T), stack_axis=1)
+    return Sample(y, paths, components, log_scale, driver if spec.needs_driver else None)

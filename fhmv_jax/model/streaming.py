@@ -14,20 +14,15 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
-import jax
+import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 
-from ._checks import _check_feature_count, _missing_driver, _non_finite_rows, check_observations
-from ._types import Array, Float, Int, Scalar
-from .inference._ops import propagate, scaled_likelihoods
-from .model import factors
-from .model.fhmv import FHMV, emission_terms_at_scale, initial_law, step_transitions
-from .model.params import FHMVParams, natural_parameters
-from .model.spec import ModelSpec
+from .._types import Array, Float, Int, Scalar
+from ..inference import forward_scan
+from .fhmv import FHMV, initial_law, initial_shocks, sequence_inputs
+from .inputs import check_observation_row, check_observations
 
 
 class StreamState(NamedTuple):
@@ -72,60 +67,27 @@ def init_stream(model: FHMV) -> StreamState:
     Returns:
         A ``StreamState`` with ``predicted`` the law of h_1.
     """
-    spec, dtype = model.spec, model.params.dtype
-    num_lags = spec.num_leverage_lags if spec.leverage == "predictable" else 1
-    return StreamState(
-        initial_law(spec, natural_parameters(spec, model.params)),
-        jnp.zeros(num_lags, dtype),
-        jnp.zeros((), dtype),
-        jnp.zeros((), jnp.int32),
-    )
+    return StreamState(initial_law(model), initial_shocks(model), jnp.zeros((), model.dtype), jnp.zeros((), jnp.int32))
 
 
-def _log_leverage_path(spec: ModelSpec, natural: dict, shocks: Array, x: Array) -> tuple[Array, Array]:
-    """log L_t for each step of a block from the carried shocks (a scan over x alone), and the shocks after it."""
-    lag_weights = factors.leverage_lag_weights(natural["l1"], natural.get("theta_l"), spec.num_leverage_lags)
-
-    def _shock_step(recent, x_t):
-        log_l = factors.log_leverage(lag_weights, recent)
-        return factors.push_shock(recent, x_t, log_l), log_l
-
-    return jax.lax.scan(_shock_step, shocks, x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _stream_filter(spec: ModelSpec, params: FHMVParams, state: StreamState, y: Array, x: Array | None):
-    """Filter a block: emissions for every row at once (parameter work done once, outside any scan),
-    then a scan that only conditions and propagates the message."""
-    natural = natural_parameters(spec, params)
-    log_scale = factors.log_volatility_scales(spec, natural)[None, :]
-    shocks = state.recent_shocks
-    if spec.leverage == "predictable":
-        shocks, log_l = _log_leverage_path(spec, natural, shocks, x)
-        log_scale = log_scale + log_l[:, None]
-    log_b = emission_terms_at_scale(spec, params, natural, y, log_scale).log_emissions
-    scaled, shift = scaled_likelihoods(log_b.reshape((y.shape[0],) + spec.state_shape))
-
-    def _filter_step(predicted, inputs):
-        b_t, shift_t, x_t = inputs
-        joint = predicted * b_t
-        normaliser = jnp.sum(joint)
-        filtered = joint / normaliser
-        return propagate(filtered, step_transitions(spec, natural, x_t)), (filtered, jnp.log(normaliser) + shift_t)
-
-    predicted, (filtered, log_normalisers) = jax.lax.scan(_filter_step, state.predicted, (scaled, shift, x))
+@eqx.filter_jit
+def _stream_filter(model: FHMV, state: StreamState, y: Array, x: Array | None) -> tuple[StreamState, StreamOutput]:
+    """The forward scan over a block, continued from the carried law and leverage shocks."""
+    s = sequence_inputs(model, y, x, predicted=state.predicted, shocks=state.recent_shocks)
+    scaled, shift = s.emissions.likelihoods(s.rows)
+    predicted, filtered, normalisers = forward_scan(s.initial, s.transitions, scaled)
+    log_normalisers = jnp.log(normalisers) + shift
     regime_probs = jnp.sum(filtered, axis=tuple(range(2, filtered.ndim)))
-    new_state = StreamState(
-        predicted, shocks, state.log_likelihood + jnp.sum(log_normalisers), state.num_steps + y.shape[0]
-    )
+    new_state = StreamState(predicted, s.shocks, state.log_likelihood + jnp.sum(log_normalisers),
+                            state.num_steps + y.shape[0])
     return new_state, StreamOutput(regime_probs, filtered, log_normalisers)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _stream_step(spec: ModelSpec, params: FHMVParams, state: StreamState, y_t: Array, x_t: Array | None):
+@eqx.filter_jit
+def _stream_step(model: FHMV, state: StreamState, y_t: Array, x_t: Array | None) -> tuple[StreamState, StreamOutput]:
     """``_stream_filter`` on a block of one row, outputs without the block axis."""
-    new_state, out = _stream_filter(spec, params, state, y_t[None], None if x_t is None else x_t[None])
-    return new_state, jax.tree_util.tree_map(lambda a: a[0], out)
+    new_state, out = _stream_filter(model, state, y_t[None], None if x_t is None else x_t[None])
+    return new_state, StreamOutput(*(a[0] for a in out))
 
 
 def _check_state(model: FHMV, state: StreamState) -> None:
@@ -137,32 +99,12 @@ def _check_state(model: FHMV, state: StreamState) -> None:
             f"state.predicted has shape {tuple(state.predicted.shape)} but the model's state shape is "
             f"{spec.state_shape}: the state belongs to a different spec"
         )
-    expected_lags = spec.num_leverage_lags if spec.leverage == "predictable" else 1
-    if tuple(state.recent_shocks.shape) != (expected_lags,):
+    expected = (model.leverage.num_shocks,)
+    if tuple(state.recent_shocks.shape) != expected:
         raise ValueError(
-            f"state.recent_shocks has shape {tuple(state.recent_shocks.shape)}, expected ({expected_lags},): "
+            f"state.recent_shocks has shape {tuple(state.recent_shocks.shape)}, expected {expected}: "
             "the state belongs to a different spec"
         )
-
-
-def _observation_row(spec: ModelSpec, dtype, y_t, x_t) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validate one observation [D] and its driver (a scalar) on the host, as ``check_observations`` does a block."""
-    y_t = np.asarray(y_t, dtype=dtype)
-    if y_t.ndim != 1:
-        raise ValueError(f"y_t must be one observation of shape [D], got shape {y_t.shape}")
-    _check_feature_count(spec, y_t.shape[0])
-    _non_finite_rows("y_t", y_t[None])
-    if not spec.needs_driver:
-        return y_t, None
-    if x_t is None:
-        if spec.driver_feature is None:
-            raise _missing_driver(spec)
-        return y_t, np.asarray(y_t[spec.driver_feature])
-    x_t = np.asarray(x_t, dtype=dtype)
-    if x_t.ndim != 0:
-        raise ValueError(f"driver x_t must be a scalar, got shape {x_t.shape}")
-    _non_finite_rows("x_t", x_t[None])
-    return y_t, x_t
 
 
 def stream_step(
@@ -170,8 +112,8 @@ def stream_step(
 ) -> tuple[StreamState, StreamOutput]:
     """Filter one more observation.
 
-    Inputs are validated here, outside the compiled step, which is traced once per model
-    spec and dtype and reused for every later call.
+    Inputs are validated here, outside the compiled step (``stream_filter``'s, on a block of one
+    row), which is traced once per model spec and dtype and reused for every later call.
 
     Args:
         model: the model.
@@ -189,7 +131,7 @@ def stream_step(
         TypeError: ``state`` is not a ``StreamState``.
     """
     _check_state(model, state)
-    return _stream_step(model.spec, model.params, state, *_observation_row(model.spec, model.params.dtype, y_t, x_t))
+    return _stream_step(model, state, *check_observation_row(model.spec, y_t, x_t, dtype=model.dtype))
 
 
 def stream_filter(
@@ -210,5 +152,5 @@ def stream_filter(
         ValueError, TypeError: as ``stream_step``.
     """
     _check_state(model, state)
-    y, x = check_observations(model.spec, y, x, dtype=model.params.dtype)
-    return _stream_filter(model.spec, model.params, state, y, x)
+    y, x = check_observations(model.spec, y, x, dtype=model.dtype)
+    return _stream_filter(model, state, y, x)

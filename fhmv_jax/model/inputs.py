@@ -1,4 +1,4 @@
-"""Input validation, run outside jit on concrete arrays, with messages that name the problem."""
+"""Validation of a model's inputs, run outside jit on concrete arrays, with messages that name the problem."""
 
 from __future__ import annotations
 
@@ -6,31 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .model.spec import ModelSpec
+from ..validation import check_finite_rows
+from .spec import ModelSpec
 
 
 def _is_traced(value) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def _non_finite_rows(name: str, values: np.ndarray) -> None:
-    """Raise naming the rows holding NaN or inf: t for [T] or [T, D], (b, t) for [B, T, D]; and the columns."""
-    bad = ~np.isfinite(values)
-    if not bad.any():
-        return
-    by_row = bad if bad.ndim == 1 else bad.any(axis=-1)
-    rows = [tuple(map(int, i)) if len(i) > 1 else int(i[0]) for i in np.argwhere(by_row)]
-    shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
-    columns = "" if bad.ndim == 1 else f" (columns {np.flatnonzero(bad.reshape(-1, bad.shape[-1]).any(0)).tolist()})"
-    raise ValueError(f"{name} has NaN or inf values in {len(rows)} row(s): {shown}{columns}")
-
-
-def _check_feature_count(spec: ModelSpec, num_features: int) -> None:
+def check_feature_count(spec: ModelSpec, num_features: int) -> None:
+    """Raise unless observations have the spec's number of features."""
     if num_features != spec.num_features:
         raise ValueError(f"y has {num_features} features but the model expects num_features={spec.num_features}")
 
 
-def _missing_driver(spec: ModelSpec) -> ValueError:
+def missing_driver(spec: ModelSpec) -> ValueError:
+    """The error for a leverage mode that needs a driver when none is given or named."""
     return ValueError(
         f"leverage={spec.leverage!r} needs a driver: pass x (shape [T]) or set ModelSpec.driver_feature"
     )
@@ -58,22 +49,22 @@ def check_observations(spec: ModelSpec, y, x=None, *, dtype=None, min_steps: int
     if y.ndim != 2:
         raise ValueError(f"y must be a [T, D] array of observations, got shape {y.shape}")
     num_steps, num_features = y.shape
-    _check_feature_count(spec, num_features)
+    check_feature_count(spec, num_features)
     if num_steps < min_steps:
         raise ValueError(f"y has {num_steps} time steps; at least {min_steps} are needed")
     if not _is_traced(y):
-        _non_finite_rows("y", np.asarray(y))
+        check_finite_rows("y", np.asarray(y))
     if not spec.needs_driver:
         return y, None
     if x is None:
         if spec.driver_feature is None:
-            raise _missing_driver(spec)
+            raise missing_driver(spec)
         return y, y[:, spec.driver_feature]
     x = jnp.asarray(x, dtype=dtype)
     if x.shape != (num_steps,):
         raise ValueError(f"driver x must have shape ({num_steps},) to match y, got {x.shape}")
     if not _is_traced(x):
-        _non_finite_rows("x", np.asarray(x))
+        check_finite_rows("x", np.asarray(x))
     return y, x
 
 
@@ -102,7 +93,7 @@ def check_sequences(spec: ModelSpec, y, x=None, lengths=None, *, dtype=None, min
     if y.ndim != 3:
         raise ValueError(f"y must be [T, D] or a batch [B, T, D], got shape {y.shape}")
     B, T, D = y.shape
-    _check_feature_count(spec, D)
+    check_feature_count(spec, D)
     lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
     if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
         raise ValueError(f"lengths must be {B} integers (one per sequence), got {lengths!r}")
@@ -111,7 +102,7 @@ def check_sequences(spec: ModelSpec, y, x=None, lengths=None, *, dtype=None, min
     mask = np.arange(T)[None, :] < lengths[:, None]
     if spec.needs_driver and x is None:
         if spec.driver_feature is None:
-            raise _missing_driver(spec)
+            raise missing_driver(spec)
         x = y[..., spec.driver_feature]
     elif not spec.needs_driver:
         x = None
@@ -124,11 +115,36 @@ def check_sequences(spec: ModelSpec, y, x=None, lengths=None, *, dtype=None, min
         if lengths[b] < min_steps:
             raise ValueError(f"{prefix}y has {lengths[b]} time steps; at least {min_steps} are needed")
         try:
-            _non_finite_rows("y", y[b, : lengths[b]])
+            check_finite_rows("y", y[b, : lengths[b]])
             if x is not None:
-                _non_finite_rows("x", x[b, : lengths[b]])
+                check_finite_rows("x", x[b, : lengths[b]])
         except ValueError as error:
             raise ValueError(prefix + str(error)) from None
     y = np.where(mask[..., None], y, 0.0)
     x = None if x is None else np.where(mask, x, 0.0)
     return jnp.asarray(y, dtype=dtype), None if x is None else jnp.asarray(x, dtype=dtype), jnp.asarray(mask)
+
+
+def check_observation_row(spec: ModelSpec, y_t, x_t=None, *, dtype=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate one observation [D] and its driver (a scalar) on the host, as ``check_observations`` does a block.
+
+    Returns:
+        (y_t, x_t) with x_t ``None`` when the leverage mode needs no driver (else taken from
+        ``y_t[spec.driver_feature]`` when omitted).
+    """
+    y_t = np.asarray(y_t, dtype=dtype)
+    if y_t.ndim != 1:
+        raise ValueError(f"y_t must be one observation of shape [D], got shape {y_t.shape}")
+    check_feature_count(spec, y_t.shape[0])
+    check_finite_rows("y_t", y_t[None])
+    if not spec.needs_driver:
+        return y_t, None
+    if x_t is None:
+        if spec.driver_feature is None:
+            raise missing_driver(spec)
+        return y_t, np.asarray(y_t[spec.driver_feature])
+    x_t = np.asarray(x_t, dtype=dtype)
+    if x_t.ndim != 0:
+        raise ValueError(f"driver x_t must be a scalar, got shape {x_t.shape}")
+    check_finite_rows("x_t", x_t[None])
+    return y_t, x_t

@@ -7,10 +7,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._types import Array, Float
-from .data.features import FeatureCarry, FeatureTransform, Standardizer, TransformedRows
-from .io import SavedModel
-from .model.fhmv import FHMV
+from .._types import Array, Float
+from ..data.features import FeatureCarry, FeatureTransform, Standardizer, TransformedRows
+from ..io import SavedModel
+from ..model.fhmv import FHMV
 
 METHODS = ("filter", "smooth", "viterbi")
 
