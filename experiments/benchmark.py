@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import fhmv_jax
-from fhmv_jax import inference
-from fhmv_jax._checks import check_sequences
+from fhmv_jax import init_stream, stream_filter, stream_step
 from fhmv_jax.em import CovariancePrior, em_step, init_model
-from fhmv_jax.model import example_model, inference_inputs
-from fhmv_jax.streaming import init_stream, stream_filter, stream_step
+from fhmv_jax.model import example_model
+from fhmv_jax.model.inputs import check_sequences
 
 
 def best_of(fn, args, repeats: int) -> float:
@@ -45,29 +44,22 @@ def compile_seconds(fn, args) -> float:
     return time.perf_counter() - start
 
 
-def _routines(spec):
-    def loglik(params, y, x):
-        return inference.forward_filter(*inference_inputs(spec, params, y, x)).marginal_loglik
-
-    def smooth(params, y, x):
-        return inference.smoother(*inference_inputs(spec, params, y, x))
-
-    def viterbi(params, y, x):
-        return inference.most_likely_states(*inference_inputs(spec, params, y, x))
-
-    return {"log_likelihood": loglik, "smooth": smooth, "viterbi": viterbi}
+ROUTINES = {
+    "log_likelihood": lambda model, y, x: model.log_likelihood(y, x),
+    "smooth": lambda model, y, x: model.smooth(y, x),
+    "viterbi": lambda model, y, x: model.viterbi(y, x),
+}
 
 
 def run(which: str, steps: list[int], repeats: int) -> list[str]:
     model = example_model(jax.random.key(0))
-    routines = _routines(model.spec)
-    names = ["log_likelihood"] if which == "log_likelihood" else list(routines)
+    names = ["log_likelihood"] if which == "log_likelihood" else list(ROUTINES)
     rows = ["| routine | T | compile (s) | run (s) | us / step |", "|---|---|---|---|---|"]
     for T in steps:
         sample = model.sample(jax.random.key(T), T)
-        args = (model.params, sample.observations, sample.driver)
+        args = (model, sample.observations, sample.driver)
         for name in names:
-            fn = routines[name]
+            fn = ROUTINES[name]
             compiled = compile_seconds(fn, args)
             seconds = best_of(jax.jit(fn), args, repeats)
             rows.append(f"| {name} | {T} | {compiled:.2f} | {seconds:.4f} | {1e6 * seconds / T:.2f} |")
@@ -201,6 +193,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    fhmv_jax.enable_x64()
     print(
         f"# fhmv_jax {fhmv_jax.__version__}, jax {jax.__version__}, {jax.devices()[0].platform}, "
         f"{platform.processor() or platform.machine()}, float64={jnp.zeros(()).dtype == jnp.float64}"

@@ -22,6 +22,7 @@ import schema
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import fhmv_jax
 from fhmv_jax.data import FEATURE_NAMES, REGIME_NAMES, Standardizer, simulate_market
 from fhmv_jax.incremental import IncrementalTrainer, ModelRegistry
 
@@ -57,7 +58,7 @@ def replay(cfg: DictConfig, output_dir) -> list[dict]:
                     feature_transform=transform.to_dict())
     triggers, retrain = pipeline.incremental_settings(cfg)
     trainer = IncrementalTrainer(registry, y[:num_train], labels=labels[:num_train], label_names=REGIME_NAMES,
-                                 triggers=triggers, retrain=retrain)
+                                 triggers=triggers, retrain=retrain, log=print)
     log, chunk, shift = [], cfg.incremental.chunk, num_train + cfg.incremental.stream_steps // 2
     for start in range(num_train, len(y), chunk):
         stop = min(start + chunk, len(y))
@@ -77,6 +78,7 @@ def replay(cfg: DictConfig, output_dir) -> list[dict]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    fhmv_jax.enable_x64()
     try:
         cfg = schema.validate(cfg)
         if cfg.data.kind != "synthetic":

@@ -16,12 +16,13 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 import fhmv_jax
 from fhmv_jax.data import FeatureTransform, Standardizer, load_csv, simulate_market
-from fhmv_jax.eval import align_to_labels, oracle_readout, regime_scores
+from fhmv_jax.em import IterationInfo
+from fhmv_jax.eval import align_to_labels, oracle_readout, predict_raw, predict_regimes, regime_scores
 from fhmv_jax.incremental import IncrementalTrainer, ModelRegistry, RetrainSettings, TriggerSettings
-from fhmv_jax.predict import predict_raw, predict_regimes
 
 MODEL_FILE = "fhmv_model.fhmv"
 DASHBOARD_FILE = "fhmv_training_results.png"
@@ -158,24 +159,49 @@ def check_reload(saved, y_test, before, prediction) -> None:
         raise RuntimeError("predictions from raw test rows through the stored feature transform differ")
 
 
+class EMProgress:
+    """A progress bar over EM iterations (count, elapsed, log-likelihood, gain per step): ``fit_em``'s callback.
+
+    Split-merge trials and continuations count on; a continuation starts its iterations at 0 again.
+    """
+
+    def __init__(self, description: str):
+        self.bar = tqdm(desc=description, unit="iter", dynamic_ncols=True)
+
+    def __call__(self, info: IterationInfo) -> None:
+        if info.iteration:
+            self.bar.update()
+            self.bar.set_postfix_str(f"log-lik {info.log_likelihood:.4f}, gain/step {info.gain_per_step:+.2e}")
+        else:
+            self.bar.set_postfix_str(f"log-lik {info.log_likelihood:.4f}")
+
+    def __enter__(self) -> EMProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
 def fit_model(cfg: DictConfig, spec: fhmv_jax.ModelSpec, y_train, key_init, key_restarts):
-    """init_model + fit_em with the ``train`` settings (progress printed)."""
+    """init_model + fit_em with the ``train`` settings, with a progress bar."""
     train = cfg.train
     start = fhmv_jax.init_model(key_init, spec, y_train, num_seeds=train.init_seeds, method=train.init_method,
                                 hmm_iters=train.hmm_iters)
-    return fhmv_jax.fit_em(
-        start,
-        y_train,
-        max_iters=train.max_iters,
-        tol=train.tol,
-        num_restarts=train.num_restarts,
-        key=key_restarts,
-        init_method=train.init_method,
-        covariance_ridge=train.covariance_ridge,
-        covariance_prior_count=train.covariance_prior_count,
-        split_merge_rounds=train.split_merge_rounds if spec.num_regimes >= 3 else 0,
-        split_merge_iters=train.split_merge_iters,
-    )
+    with EMProgress("EM") as progress:
+        return fhmv_jax.fit_em(
+            start,
+            y_train,
+            max_iters=train.max_iters,
+            tol=train.tol,
+            num_restarts=train.num_restarts,
+            key=key_restarts,
+            init_method=train.init_method,
+            covariance_ridge=train.covariance_ridge,
+            covariance_prior_count=train.covariance_prior_count,
+            split_merge_rounds=train.split_merge_rounds if spec.num_regimes >= 3 else 0,
+            split_merge_iters=train.split_merge_iters,
+            callback=progress,
+        )
 
 
 def name_regimes(model, y_train, labels_train, regime_names):
@@ -336,10 +362,11 @@ def update_cycle(cfg, output_dir: Path, model, metadata: dict, y_train, y_test, 
 def summarise(metrics: dict, output_dir: Path) -> None:
     """The console summary."""
     train, test = metrics["train"], metrics["test"]
+    moves = [f"regimes {m['merged'][0]}+{m['merged'][1]} merged, {m['split']} split" for m in metrics["split_merges"]]
     lines = [
         "",
-        f"EM: {metrics['num_iters']} iterations, {len(metrics['split_merges'])} split-merge moves,"
-        f" converged={metrics['converged']}, fit {metrics['fit_seconds']:.1f} s",
+        f"EM: {metrics['num_iters']} iterations, {len(moves)} split-merge moves{': ' if moves else ''}"
+        f"{'; '.join(moves)}, converged={metrics['converged']}, fit {metrics['fit_seconds']:.1f} s",
         f"log-likelihood per step: train {train['log_likelihood_per_step']:.4f}, test {test['log_likelihood_per_step']:.4f}",
     ]
     if "accuracy" in test:

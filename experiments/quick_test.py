@@ -49,6 +49,7 @@ def check_outputs(output_dir: Path, metrics: dict) -> list[str]:
 
 
 def main(overrides: list[str]) -> int:
+    fhmv_jax.enable_x64()
     start = time.perf_counter()
     schema.register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

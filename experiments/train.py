@@ -19,11 +19,14 @@ import schema
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import fhmv_jax
+
 schema.register()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    fhmv_jax.enable_x64()
     try:
         cfg = schema.validate(cfg)
         pipeline.run(cfg, HydraConfig.get().runtime.output_dir)

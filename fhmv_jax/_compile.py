@@ -5,7 +5,9 @@ its float64 exp and log there are scalar. The E- and M-steps store a few element
 intermediates with exp and log1p in them; routing elementwise fusions through YNNPACK as
 well makes one ECM step of the default spec about 12% faster at T = 1e5 (docs/benchmarks.md).
 Models without volatility sub-states have no such passes, and there the option costs time
-(a plain Gaussian-mixture HMM: 0.26 s -> 0.33 s), so ``em_step`` uses it only when V > 1.
+(a plain Gaussian-mixture HMM: 0.26 s -> 0.33 s), so ``em_step`` uses it only when V > 1, and
+only for one model at a time: XLA rejects YNNPACK fusions of some layouts of the restarts'
+vmapped programs ("Instruction with unsupported layout in YNN fusion").
 
 The option is experimental in XLA, so it is probed once, at the first compilation, and left
 out where this jaxlib does not know it or the backend is not a CPU. ``fit_em(tuned_compilation=False)``

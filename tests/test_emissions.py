@@ -8,8 +8,7 @@ from helpers import random_natural, reference_log_emissions
 from scipy import stats
 
 from fhmv_jax import FHMV, ModelSpec
-from fhmv_jax.model import emissions, inference_inputs
-from fhmv_jax.model.params import cholesky_factor
+from fhmv_jax.model import emissions, sequence_inputs
 
 
 @pytest.mark.parametrize("forms", ["_whitened_forms", "_expanded_forms"])
@@ -21,13 +20,9 @@ def test_component_density_matches_scipy(rng, gaussian, mask, forms):
     natural = model.natural_parameters()
     y = rng.standard_t(4, size=(7, 4)) * 2
     log_scale = jnp.asarray(rng.normal(size=(7, 5)))
-    chol = cholesky_factor(model.params.chol_raw)
-    terms = getattr(emissions, forms)(jnp.asarray(y), natural["means"], emissions.inverse_cholesky(chol), spec.scale_mask)
-    dof = natural.get("dof")
-    delta = emissions.scaled_mahalanobis(terms, log_scale)
-    got, log_ratio = emissions.component_log_densities(
-        spec, emissions.component_log_normalisers(spec, chol, dof), dof, delta, log_scale
-    )
+    inv_chol = emissions.inverse_cholesky(model.emission.cholesky())
+    terms = getattr(emissions, forms)(jnp.asarray(y), natural["means"], inv_chol, spec.scale_mask)
+    got, delta, log_ratio = model.emission.component_terms(terms, log_scale)
     if not gaussian:
         np.testing.assert_allclose(log_ratio, np.log1p(delta / natural["dof"][None, :, :, None]), rtol=1e-12)
     a = np.ones(4) if mask is None else np.asarray(mask, float)
@@ -39,6 +34,7 @@ def test_component_density_matches_scipy(rng, gaussian, mask, forms):
             want = stats.multivariate_normal(mean, cov).logpdf(y[t])
         else:
             want = stats.multivariate_t(mean, cov, df=float(natural["dof"][g, k])).logpdf(y[t])
+        want = want + np.log(natural["weights"][g, k])
         np.testing.assert_allclose(got[t, g, k, v], want, rtol=1e-10, atol=1e-10)
 
 
@@ -50,8 +46,11 @@ def test_joint_state_emissions_match_scipy(rng, name):
     model = FHMV.from_natural_parameters(spec, **natural)
     y = rng.normal(size=(6, spec.num_features)) * 1.5
     x = rng.normal(size=6)
-    arrays = inference_inputs(spec, model.params, jnp.asarray(y), jnp.asarray(x) if spec.needs_driver else None)
-    got = np.asarray(arrays.log_likelihoods).reshape(6, -1)
+    inputs = sequence_inputs(model, jnp.asarray(y), jnp.asarray(x) if spec.needs_driver else None)
+    got = np.asarray(inputs.emissions.log_densities(inputs.rows)).reshape(6, -1)
+    np.testing.assert_allclose(got, reference_log_emissions(spec, natural, y, x), rtol=1e-10, atol=1e-10)
+    scaled, shift = inputs.emissions.likelihoods(inputs.rows)
+    got = np.log(np.asarray(scaled)).reshape(6, -1) + np.asarray(shift)[:, None]
     np.testing.assert_allclose(got, reference_log_emissions(spec, natural, y, x), rtol=1e-10, atol=1e-10)
 
 

@@ -39,7 +39,7 @@ def data(truth):
 @pytest.fixture(scope="module")
 def fitted(data):
     y = data[0][:600]
-    return fhmv_jax.fit_em(fhmv_jax.init_model(jax.random.key(2), SPEC, y), y, max_iters=200, callback=None)
+    return fhmv_jax.fit_em(fhmv_jax.init_model(jax.random.key(2), SPEC, y), y, max_iters=200)
 
 
 def test_registry_versions_rollback_and_crash_safety(tmp_path, fitted, truth, monkeypatch):
@@ -61,8 +61,8 @@ def test_registry_versions_rollback_and_crash_safety(tmp_path, fitted, truth, mo
 
 def test_warm_start_reaches_the_cold_fit_in_fewer_iterations(data, fitted):
     y = data[0][:700]
-    cold = fhmv_jax.fit_em(fhmv_jax.init_model(jax.random.key(2), SPEC, y), y, max_iters=200, callback=None)
-    warm = fhmv_jax.fit_em(fitted.model, y, max_iters=200, callback=None)
+    cold = fhmv_jax.fit_em(fhmv_jax.init_model(jax.random.key(2), SPEC, y), y, max_iters=200)
+    warm = fhmv_jax.fit_em(fitted.model, y, max_iters=200)
     assert cold.converged and warm.converged
     assert warm.log_likelihoods[-1] >= cold.log_likelihoods[-1] - 1e-3 * len(y)
     assert warm.num_iters < cold.num_iters

@@ -6,9 +6,9 @@ import pytest
 from conftest import TINY_SPECS
 from helpers import brute_force, random_natural
 
-from fhmv_jax import FHMV
-from fhmv_jax.inference.blocked import expected_statistics
-from fhmv_jax.model import inference_inputs
+from fhmv_jax import FHMV, inference
+from fhmv_jax.em import e_step
+from fhmv_jax.model import sequence_inputs
 
 
 def _per_factor_pairwise(spec, full_pairwise):
@@ -41,33 +41,35 @@ def _factor_list(factors):
     return out
 
 
-def _check_blocked_statistics(spec, model, y, x, ref, rng, padding=3):
-    """``expected_statistics`` in blocks of 2 steps, on the sequence followed by garbage padding steps."""
+def _check_blocked_posteriors(spec, model, y, x, ref, rng, padding=3):
+    """The smoother and the E-step in blocks of 2 steps, on the sequence followed by garbage padding steps."""
     T = y.shape[0]
-    y_pad = np.concatenate([y, rng.normal(size=(padding, y.shape[1])) * 50])
-    x_pad = np.concatenate([x, rng.normal(size=padding)])
-    arrays = inference_inputs(spec, model.params, y_pad, x_pad if spec.needs_driver else None)
-    mask = np.arange(T + padding) < T
-
-    def likelihoods(log_b):
-        shift = jnp.max(log_b.reshape(log_b.shape[0], -1), axis=1)
-        return jnp.exp(log_b - shift.reshape((-1,) + (1,) * (log_b.ndim - 1))), shift
-
-    stats = expected_statistics(
-        arrays.initial_probs, arrays.transitions, likelihoods, arrays.log_likelihoods, jnp.asarray(mask), block_steps=2
-    )
-    np.testing.assert_allclose(stats.log_likelihood, ref["loglik"], rtol=1e-12)
-    smoothed = np.asarray(stats.smoothed).reshape(T + padding, -1)
+    y_pad = jnp.asarray(np.concatenate([y, rng.normal(size=(padding, y.shape[1])) * 50]))
+    x_pad = jnp.asarray(np.concatenate([x, rng.normal(size=padding)])) if spec.needs_driver else None
+    mask = jnp.asarray(np.arange(T + padding) < T)
+    inputs = sequence_inputs(model, y_pad, x_pad)
+    posterior = inference.smoother(inputs.initial, inputs.transitions, inputs.emissions.likelihoods, inputs.rows,
+                                   mask, block_steps=2)
+    np.testing.assert_allclose(posterior.log_likelihood, ref["loglik"], rtol=1e-12)
+    smoothed = np.asarray(posterior.smoothed).reshape(T + padding, -1)
     np.testing.assert_allclose(smoothed[:T], ref["smoothed"], atol=1e-12)
     np.testing.assert_array_equal(smoothed[T:], 0.0)
-    np.testing.assert_allclose(np.asarray(stats.initial).reshape(-1), ref["smoothed"][0], atol=1e-12)
-    for got, want, matrix in zip(stats.counts, _per_factor_pairwise(spec, ref["pairwise"]), arrays.transitions):
-        if matrix.ndim == 2:
-            np.testing.assert_allclose(got, want.sum(axis=0), atol=1e-12)
-        else:
-            assert got.shape == (T + padding - 1,) + want.shape[1:]
-            np.testing.assert_allclose(got[: T - 1], want, atol=1e-12)
-            np.testing.assert_array_equal(got[T - 1 :], 0.0)
+    for got, want in zip(posterior.pairwise, _per_factor_pairwise(spec, ref["pairwise"]), strict=True):
+        np.testing.assert_allclose(got[: T - 1], want, atol=1e-12)
+        np.testing.assert_array_equal(got[T - 1 :], 0.0)
+
+    stats = e_step(model, y_pad, x_pad, mask, block_steps=2)
+    np.testing.assert_allclose(stats.log_likelihood, ref["loglik"], rtol=1e-12)
+    marginals = _per_factor_marginals(spec, ref["smoothed"])
+    pairwise = _per_factor_pairwise(spec, ref["pairwise"])
+    for got, want in zip(stats.initial, marginals, strict=True):
+        np.testing.assert_allclose(got, want[0], atol=1e-12)
+    for got, want in zip(stats.transitions, pairwise, strict=True):
+        np.testing.assert_allclose(got, want.sum(axis=0), atol=1e-12)
+    if spec.leverage == "markov":
+        assert stats.leverage.pairwise.shape == (T + padding - 1, 2, 2)
+        np.testing.assert_allclose(stats.leverage.pairwise[: T - 1], pairwise[-1], atol=1e-12)
+        np.testing.assert_array_equal(stats.leverage.pairwise[T - 1 :], 0.0)
 
 
 @pytest.mark.parametrize("name", list(TINY_SPECS))
@@ -99,7 +101,7 @@ def test_against_brute_force(rng, name, T):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-12)
 
-    _check_blocked_statistics(spec, model, y, x, ref, rng)
+    _check_blocked_posteriors(spec, model, y, x, ref, rng)
 
     path = model.viterbi(y, x_arg)
     want_path = np.stack(np.unravel_index(ref["viterbi"], spec.state_shape), axis=1)

@@ -4,6 +4,7 @@ import hashlib
 import io as bytes_io
 import json
 import struct
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -16,7 +17,9 @@ from helpers import random_natural
 import fhmv_jax
 from fhmv_jax import io
 from fhmv_jax.model.examples import example_model
-from fhmv_jax.model.params import raw_shapes
+from fhmv_jax.model.fhmv import raw_layout
+
+DATA = Path(__file__).parent / "data"
 
 EXTRA_SPECS = {
     "no-chains-driver": fhmv_jax.ModelSpec(
@@ -122,8 +125,9 @@ def test_file_layout_matches_the_documented_format(saved, model):
         model.spec
     )
     assert header["metadata"] == {"note": "x"} and header["payload_nbytes"] == len(parsed.payload)
+    arrays = model.raw_arrays()
     for entry in header["params"]:
-        value = getattr(model.params, entry["name"])
+        value = arrays[entry["name"]]
         if value is None:
             assert entry["array"] is None
             continue
@@ -136,21 +140,43 @@ def test_file_layout_matches_the_documented_format(saved, model):
 def test_round_trip_for_every_spec_variant(tmp_path, name, rng):
     spec = {**TINY_SPECS, **EXTRA_SPECS}[name]
     model = fhmv_jax.FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
-    assert set(raw_shapes(spec)) == {f for f in model.params.__dataclass_fields__}
+    arrays = model.raw_arrays()
+    assert list(arrays) == list(raw_layout(spec)) == list(RELEASE_0_1_0_LAYOUT)
     fhmv_jax.save(tmp_path / "m.fhmv", model, spec_name=name)
     result = fhmv_jax.load(tmp_path / "m.fhmv")
     assert result.model.spec == spec and result.metadata == {"spec_name": name}
     _assert_same_leaves(result.model, model)
-    for field, shape in raw_shapes(spec).items():
-        value = getattr(model.params, field)
+    for field, shape in raw_layout(spec).items():
+        value = arrays[field]
         assert (value is None) if shape is None else value.shape == shape
+
+
+RELEASE_0_1_0_LAYOUT = ("initial_logits", "transition_logits", "log_weights", "means", "chol_raw", "dof_raw",
+                        "persistence_raw", "c1_raw", "theta_c_raw", "jump_q_raw", "jump_back_raw", "jump_phi_raw",
+                        "m1_raw", "theta_m_raw", "l1_raw", "theta_l_raw", "leverage_raw")
+"""The arrays of a model file as release 0.1.0 (one flat parameter module) wrote them."""
+
+
+@pytest.mark.parametrize("name", ["markov", "family-mask-gaussian"])
+def test_files_written_by_release_0_1_0_load_and_are_written_identically(tmp_path, name):
+    """Files that release 0.1.0 wrote (tests/data; its model from the recorded natural parameters) load
+    with the same natural parameters, and saving that model now writes the same bytes."""
+    recorded = np.load(DATA / "reference_numbers.npz", allow_pickle=False)
+    natural = {k.split("input.", 1)[1]: recorded[k] for k in recorded.files if k.startswith(f"{name}/input.")}
+    model = fhmv_jax.FHMV.from_natural_parameters(TINY_SPECS[name], **natural)
+    old_file = DATA / f"release-0.1.0-{name}.fhmv"
+    loaded = fhmv_jax.load(old_file)
+    assert loaded.library_version == "0.1.0" and loaded.metadata == {"spec_name": name}
+    _assert_same_leaves(loaded.model, model)
+    fhmv_jax.save(tmp_path / "now.fhmv", model, spec_name=name)
+    assert (tmp_path / "now.fhmv").read_bytes() == old_file.read_bytes()
 
 
 def test_float32_model_stays_float32(tmp_path, model):
     small = model.astype(jnp.float32)
     fhmv_jax.save(tmp_path / "m.fhmv", small)
     loaded = fhmv_jax.load(tmp_path / "m.fhmv").model
-    assert loaded.params.dtype == jnp.float32
+    assert loaded.dtype == jnp.float32
     _assert_same_leaves(loaded, small)
 
 
@@ -172,11 +198,11 @@ def test_metadata_must_be_json(tmp_path, model, metadata, message):
 
 
 def test_models_that_cannot_be_stored_are_refused(tmp_path, model):
-    broken = eqx.tree_at(lambda m: m.params.means, model, model.params.means.at[0, 0, 0].set(jnp.nan))
-    with pytest.raises(ValueError, match="params.means has non-finite values"):
+    broken = eqx.tree_at(lambda m: m.emission.means, model, model.emission.means.at[0, 0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="parameter means has non-finite values"):
         fhmv_jax.save(tmp_path / "m.fhmv", broken)
     half = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), model)
-    with pytest.raises(ValueError, match="params.initial_logits has dtype float16"):
+    with pytest.raises(ValueError, match="parameter initial_logits has dtype float16"):
         fhmv_jax.save(tmp_path / "m.fhmv", half)
     with pytest.raises(TypeError, match="expects an FHMV model"):
         fhmv_jax.save(tmp_path / "m.fhmv", {"not": "a model"})

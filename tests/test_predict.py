@@ -6,7 +6,7 @@ from conftest import TINY_SPECS
 from helpers import brute_force, random_natural
 
 from fhmv_jax import FHMV
-from fhmv_jax.predict import predict_regimes
+from fhmv_jax.eval import predict_regimes
 
 SPEC = TINY_SPECS["markov"]
 

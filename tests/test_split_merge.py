@@ -96,9 +96,9 @@ def test_candidate_lumps_and_duplicates_the_chain_and_keeps_moments():
 def test_split_merge_leaves_the_bimodal_local_optimum():
     y, labels = _data()
     trapped = merge_split_candidate(_truth(), (1, 2), 0)
-    plain = fit_em(trapped, y, max_iters=60, callback=None)
-    repaired = fit_em(trapped, y, max_iters=60, split_merge_rounds=2, callback=None)
-    reference = fit_em(_truth(), y, max_iters=60, callback=None)
+    plain = fit_em(trapped, y, max_iters=60)
+    repaired = fit_em(trapped, y, max_iters=60, split_merge_rounds=2)
+    reference = fit_em(_truth(), y, max_iters=60)
 
     def accuracy(fit):
         return _accuracy(fit.model, y, labels)
@@ -134,4 +134,4 @@ def test_hmm_initialisation_of_a_ragged_batch_with_an_empty_regime(rng):
         init_model(jax.random.key(1), SPEC, y[0], method="spectral")
     with pytest.raises(ValueError, match="at least 3 regimes"):
         fit_em(init_model(jax.random.key(1), ModelSpec(num_features=2, num_regimes=2, leverage="none"), y[0]), y[0],
-               split_merge_rounds=1, callback=None)
+               split_merge_rounds=1)

@@ -1,5 +1,6 @@
 """The streaming filter against the batch filter and brute-force path enumeration."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +8,8 @@ import pytest
 from conftest import TINY_SPECS
 from helpers import brute_force, random_natural, reference_initial
 
-from fhmv_jax import FHMV, ModelSpec, streaming
-from fhmv_jax.model import example_model
-from fhmv_jax.streaming import StreamState, init_stream, stream_filter, stream_step
+from fhmv_jax import FHMV, ModelSpec, StreamState, init_stream, stream_filter, stream_step
+from fhmv_jax.model import example_model, streaming
 
 SPECS = {
     **TINY_SPECS,
@@ -109,21 +109,15 @@ def test_compiled_step_is_not_retraced(rng, monkeypatch):
     """A spec used by no other test, so the first call must trace and no later call may."""
     spec = ModelSpec(num_features=3, num_regimes=2, num_chains=1, num_jump_states=1, num_components=1, driver_feature=2)
     model, _, y, _ = _model_and_data(spec, rng, 8)
-    traces = []
-    original = streaming.step_transitions
-
-    def counting(*args):
-        traces.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(streaming, "step_transitions", counting)
+    traced = eqx.debug.assert_max_traces(streaming.sequence_inputs, max_traces=3)
+    monkeypatch.setattr(streaming, "sequence_inputs", traced)
     state = init_stream(model)
     for t, x_t in enumerate([None, 0.3, np.float64(-1.2), jnp.asarray(0.5), None]):
         state, _ = stream_step(model, state, y[t], x_t)
-    assert len(traces) == 1
+    assert eqx.debug.get_num_traces(traced) == 1
     state, _ = stream_filter(model, state, y[:4])
     stream_filter(model, state, y[4:])
-    assert len(traces) == 2
+    assert eqx.debug.get_num_traces(traced) == 2
 
 
 def test_bad_inputs_raise(rng):

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 import fhmv_jax
 import pipeline
 import schema
-from fhmv_jax.predict import predict_raw, predict_regimes
+from fhmv_jax.eval import predict_raw, predict_regimes
 
 ROOT = Path(__file__).resolve().parent.parent
 schema.register()

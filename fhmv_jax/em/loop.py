@@ -100,7 +100,7 @@ def _has_volatility_states(model: FHMV, *args, **kwargs) -> bool:
 
 
 em_step = fast_jit(_em_step, _has_volatility_states)
-_em_step_restarts = fast_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None, None)), _has_volatility_states)
+_em_step_restarts = eqx.filter_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None, None)))
 
 
 def _objective(
@@ -115,7 +115,8 @@ def _objective(
 
 
 _objective_single = fast_jit(_objective, _has_volatility_states)
-_objective_restarts = fast_jit(eqx.filter_vmap(_objective, in_axes=(0, None, None, None, None, None)), _has_volatility_states)
+_objective_restarts = eqx.filter_jit(eqx.filter_vmap(_objective, in_axes=(0, None, None, None, None, None)))
+"""The restarts' programs compile with XLA's defaults: it rejects YNNPACK fusions of some of their layouts."""
 
 
 def stack_models(models: list[FHMV]) -> FHMV:
@@ -159,9 +160,10 @@ def run_em(
     """
     dtype = model.dtype
     num_steps = int(mask.sum())
-    step, evaluate = (_em_step_restarts, _objective_restarts) if stacked else (em_step, _objective_single)
-    if not tuned_compilation:
-        step, evaluate = step.plain, evaluate.plain
+    if stacked:
+        step, evaluate = _em_step_restarts, _objective_restarts
+    else:
+        step, evaluate = (em_step, _objective_single) if tuned_compilation else (em_step.plain, _objective_single.plain)
     log_liks, objectives = [], []
     converged = False
     start = time.perf_counter()
