@@ -112,12 +112,14 @@ def run_gmm(steps: list[int], repeats: int) -> list[str]:
 
     def dynamax_step(params, y):
         stats, log_lik = peer.e_step(params, y)
-        new, _ = peer.m_step(params, dx_props, jax.tree.map(lambda a: a[None], stats), peer.initialize_m_step_state(params, dx_props))
+        batched = jax.tree.map(lambda a: a[None], stats)
+        new, _ = peer.m_step(params, dx_props, batched, peer.initialize_m_step_state(params, dx_props))
         return new, log_lik
 
     dynamax_step = jax.jit(dynamax_step)
     rows = [
-        "| T | fhmv_jax (s) | hmmlearn (s) | dynamax (s) | fhmv_jax / hmmlearn | fhmv_jax / dynamax | compile fhmv_jax / dynamax (s) |",
+        "| T | fhmv_jax (s) | hmmlearn (s) | dynamax (s) | fhmv_jax / hmmlearn | fhmv_jax / dynamax"
+        " | compile fhmv_jax / dynamax (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for T in steps:
@@ -133,7 +135,7 @@ def run_gmm(steps: list[int], repeats: int) -> list[str]:
         theirs = best_of(dynamax_step, (dx_params, jnp.asarray(y)), repeats)
         reference = GMMHMM(n_components=G, n_mix=K, covariance_type="full", n_iter=1, init_params="", params="stmcw")
 
-        def hmmlearn_iteration(reference=reference):
+        def hmmlearn_iteration(reference=reference, y=y):
             reference.startprob_, reference.transmat_ = natural["initial_regime"], natural["regime_transition"]
             reference.weights_, reference.means_, reference.covars_ = (
                 natural["weights"], natural["means"], natural["covariances"]
@@ -165,7 +167,7 @@ def run_stream(steps: list[int], repeats: int) -> list[str]:
 
     def feed(model, y, x):
         state = start
-        for y_t, x_t in zip(y, x):
+        for y_t, x_t in zip(y, x, strict=True):
             state, _ = stream_step(model, state, y_t, x_t)
         return state
 

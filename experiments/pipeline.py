@@ -367,7 +367,8 @@ def summarise(metrics: dict, output_dir: Path) -> None:
         "",
         f"EM: {metrics['num_iters']} iterations, {len(moves)} split-merge moves{': ' if moves else ''}"
         f"{'; '.join(moves)}, converged={metrics['converged']}, fit {metrics['fit_seconds']:.1f} s",
-        f"log-likelihood per step: train {train['log_likelihood_per_step']:.4f}, test {test['log_likelihood_per_step']:.4f}",
+        f"log-likelihood per step: train {train['log_likelihood_per_step']:.4f},"
+        f" test {test['log_likelihood_per_step']:.4f}",
     ]
     if "accuracy" in test:
         lines += [
@@ -378,6 +379,7 @@ def summarise(metrics: dict, output_dir: Path) -> None:
         ]
         recall = ", ".join(f"{n} {'-' if v is None else f'{v:.2f}'}" for n, v in test["recall"].items())
         lines.append(f"test recall per regime: {recall}")
-    lines.append(f"regimes: {', '.join(metrics['regime_names'])}; ambiguous test steps {test['ambiguous_fraction']:.1%}")
+    lines.append(f"regimes: {', '.join(metrics['regime_names'])};"
+                 f" ambiguous test steps {test['ambiguous_fraction']:.1%}")
     lines.append(f"outputs in {output_dir}: {MODEL_FILE}, {DASHBOARD_FILE}, {METRICS_FILE}, config.yaml")
     print("\n".join(lines), flush=True)

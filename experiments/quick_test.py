@@ -8,6 +8,7 @@ every output and exits non-zero on any failure.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import tempfile
@@ -38,7 +39,7 @@ def check_outputs(output_dir: Path, metrics: dict) -> list[str]:
             problems.append(f"metrics.json lacks test.{key}")
     history = written.get("log_likelihoods", [])
     moves = {move["iteration"] for move in written.get("split_merges", [])}
-    if any(b < a - 1e-6 * abs(a) for i, (a, b) in enumerate(zip(history, history[1:])) if i not in moves):
+    if any(b < a - 1e-6 * abs(a) for i, (a, b) in enumerate(itertools.pairwise(history)) if i not in moves):
         problems.append(f"log-likelihood decreased outside a split-merge move: {history}")
     if not 0.0 <= written.get("test", {}).get("accuracy", -1) <= 1.0:
         problems.append("test accuracy outside [0, 1]")

@@ -7,7 +7,7 @@ here, or a value of the wrong type, fails at composition time, before any work s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -46,8 +46,8 @@ class CsvDataConfig:
     kind: str = "csv"
     path: str = MISSING
     feature_columns: list[str] = field(default_factory=lambda: list(FEATURE_NAMES))
-    timestamp_column: Optional[str] = "timestamp"
-    regime_column: Optional[str] = None
+    timestamp_column: str | None = "timestamp"
+    regime_column: str | None = None
     regime_names: list[str] = field(default_factory=lambda: list(REGIME_NAMES))
     train_fraction: float = 0.8
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -66,8 +66,8 @@ class ModelConfig:
     jump_mode: str = "markov"
     tied_persistence: bool = True
     gaussian: bool = False
-    driver: Optional[str] = "P"
-    scale_features: Optional[list[str]] = None
+    driver: str | None = "P"
+    scale_features: list[str] | None = None
     dof_bounds: list[float] = field(default_factory=lambda: [2.01, 100.0])
 
 
@@ -99,11 +99,11 @@ class EvalConfig:
 class IncrementalConfig:
     """Retraining monitors and settings (fhmv_jax.incremental), and the replay of experiments/incremental.py."""
 
-    every: Optional[int] = 250
-    log_likelihood_drop: Optional[float] = 2.0
-    accuracy_drop: Optional[float] = 0.10
-    drift_psi: Optional[float] = 0.5
-    anomaly_z: Optional[float] = 4.0
+    every: int | None = 250
+    log_likelihood_drop: float | None = 2.0
+    accuracy_drop: float | None = 0.10
+    drift_psi: float | None = 0.5
+    anomaly_z: float | None = 4.0
     recent: int = 250
     max_iters: int = 15
     tol: float = 1e-4

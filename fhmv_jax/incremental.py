@@ -72,6 +72,10 @@ class RetrainSettings(NamedTuple):
     margin: float = 0.02
 
 
+DEFAULT_TRIGGERS = TriggerSettings()
+DEFAULT_RETRAIN = RetrainSettings()
+
+
 class Trigger(NamedTuple):
     """One monitor's reading: fired when ``value`` crosses ``threshold``."""
 
@@ -114,7 +118,8 @@ class UpdateReport(NamedTuple):
         fired = [t.name for t in self.triggers if t.fired] or ["none"]
         line = f"v{self.version}: {self.decision} (triggers: {', '.join(fired)}; {self.num_new} new rows"
         if self.num_iters:
-            line += f"; validation log-lik/step current {self.current_score:.4f} vs candidate {self.candidate_score:.4f}"
+            line += (f"; validation log-lik/step current {self.current_score:.4f}"
+                     f" vs candidate {self.candidate_score:.4f}")
             line += f", {self.num_iters} EM iterations"
         return line + f"; {self.seconds:.1f} s)"
 
@@ -240,8 +245,8 @@ class IncrementalTrainer:
         *,
         labels=None,
         label_names: Sequence[str] | None = None,
-        triggers: TriggerSettings = TriggerSettings(),
-        retrain: RetrainSettings = RetrainSettings(),
+        triggers: TriggerSettings = DEFAULT_TRIGGERS,
+        retrain: RetrainSettings = DEFAULT_RETRAIN,
         log: Callable[[str], None] | None = None,
     ):
         if registry.current_version == 0:
@@ -289,7 +294,8 @@ class IncrementalTrainer:
         log_likelihood, regimes = self._read(recent)
         if t.log_likelihood_drop is not None:
             drop = self.baseline["log_likelihood"] - log_likelihood
-            readings.append(Trigger.reading("log-likelihood drop", drop > t.log_likelihood_drop, drop, t.log_likelihood_drop))
+            threshold = t.log_likelihood_drop
+            readings.append(Trigger.reading("log-likelihood drop", drop > threshold, drop, threshold))
         if t.accuracy_drop is not None and self.labels is not None:
             drop = self.baseline["accuracy"] - self._accuracy(regimes, self.labels[-len(recent):])
             readings.append(Trigger.reading("accuracy drop", drop > t.accuracy_drop, drop, t.accuracy_drop))

@@ -1,11 +1,23 @@
-"""Run JAX strictly in every test: float64 and no implicit rank promotion."""
+"""Run JAX strictly in every test: float64, no implicit rank or dtype promotion.
+
+Compiled programs persist in ``.pytest_cache/jax`` (JAX's compilation cache), shared by the two
+xdist workers and the entry-point subprocesses, which compile many of the same programs.
+"""
+
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 import fhmv_jax  # noqa: E402
 
@@ -33,11 +45,3 @@ TINY_SPECS = {
         jump_mode="iid", tied_persistence=False,
     ),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_code():
-    """Drop each module's compiled executables: hundreds of specs and shapes otherwise exhaust
-    the process's memory maps (LLVM then fails with "Cannot allocate memory")."""
-    yield
-    jax.clear_caches()

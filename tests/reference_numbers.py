@@ -55,7 +55,8 @@ def compute(name: str, natural: dict[str, np.ndarray] | None = None) -> dict[str
         out |= {f"input.{k}": np.asarray(v) for k, v in natural.items()}
         model = fhmv_jax.FHMV.from_natural_parameters(spec, **natural)
         num_steps = 60
-        x_given = jnp.asarray(np.random.default_rng(16).normal(scale=0.7, size=num_steps)) if spec.needs_driver else None
+        driver = np.random.default_rng(16).normal(scale=0.7, size=num_steps)
+        x_given = jnp.asarray(driver) if spec.needs_driver else None
     out |= _natural_arrays("natural", model)
     sample = model.sample(jax.random.key(7), num_steps, x=x_given)
     y, x = sample.observations, sample.driver

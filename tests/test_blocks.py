@@ -3,7 +3,6 @@
 import dataclasses
 
 import equinox as eqx
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,9 +73,9 @@ def test_small_blocks_give_the_same_ecm_step(rng, name):
 
     whole_stats, whole = step(10**6)
     blocked_stats, blocked_step = step(7)
-    for got, want in zip(jax.tree.leaves(blocked_stats), jax.tree.leaves(whole_stats)):
+    for got, want in zip(jax.tree.leaves(blocked_stats), jax.tree.leaves(whole_stats), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
-    for got, want in zip(jax.tree.leaves(blocked_step), jax.tree.leaves(whole)):
+    for got, want in zip(jax.tree.leaves(blocked_step), jax.tree.leaves(whole), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
 
 
@@ -99,5 +98,5 @@ def test_volatility_loads_from_state_moments_equal_the_loads_from_data(rng, spec
     from_moments = state_loads(new.emission, stats.volatility, new.emission.means - old.emission.means, inv_chol)
     from_data = step_loads(new.emission, per_step, inv_chol)
     assert len(from_moments) == len(from_data) == (1 if spec.scale_mask is None else 2)
-    for got, want in zip(from_moments, from_data):
+    for got, want in zip(from_moments, from_data, strict=True):
         np.testing.assert_allclose(got, np.sum(want, axis=0), rtol=1e-10)

@@ -168,7 +168,7 @@ def test_liquidation_dominance_follows_the_table(market):
 def test_range_regime_price_stays_in_a_band_around_its_entry_price(market):
     rc = REGIME_NAMES.index("RC")
     checked = 0
-    for regimes, prices in zip(market.regimes, market.features[..., COL["P"]]):
+    for regimes, prices in zip(market.regimes, market.features[..., COL["P"]], strict=True):
         for run in np.split(np.arange(len(regimes)), np.flatnonzero(np.diff(regimes)) + 1):
             if regimes[run[0]] != rc or run[0] == 0:
                 continue
@@ -345,7 +345,7 @@ def test_csv_round_trip_and_errors(tmp_path):
     market = simulate_market(jax.random.key(9), SMALL)
     path = tmp_path / "market.csv"
     lines = ["timestamp," + ",".join(FEATURE_NAMES) + ",regime"]
-    for stamp, row, regime in zip(market.timestamps, market.features, market.regimes):
+    for stamp, row, regime in zip(market.timestamps, market.features, market.regimes, strict=True):
         lines.append(f"{stamp}," + ",".join(repr(float(v)) for v in row) + f",{REGIME_NAMES[regime]}")
     path.write_text("\n".join(lines) + "\n")
     loaded = load_csv(path, regime_column="regime")

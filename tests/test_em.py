@@ -18,7 +18,9 @@ from fhmv_jax.model.inputs import check_sequences
 
 VARIANTS = {
     "markov-t-K2-N2": ModelSpec(num_features=3, num_regimes=2, num_chains=2, driver_feature=0),
-    "markov-gauss-K1-N1": ModelSpec(num_features=3, num_regimes=2, num_chains=1, num_components=1, gaussian=True, driver_feature=0),
+    "markov-gauss-K1-N1": ModelSpec(
+        num_features=3, num_regimes=2, num_chains=1, num_components=1, gaussian=True, driver_feature=0
+    ),
     "predictable-mask": ModelSpec(
         num_features=3, num_regimes=2, num_chains=1, leverage="predictable", num_leverage_lags=5, driver_feature=0,
         scale_mask=(True, False, True),
@@ -68,12 +70,14 @@ def test_degrees_of_freedom_are_recovered(rng, nu, bounds):
 
 
 def _reduced_spec(G=3, K=2, D=3):
-    return ModelSpec(num_features=D, num_regimes=G, num_chains=0, num_jump_states=1, num_components=K, leverage="none", gaussian=True)
+    return ModelSpec(num_features=D, num_regimes=G, num_chains=0, num_jump_states=1, num_components=K,
+                     leverage="none", gaussian=True)
 
 
 def _peer(natural, n_iter):
     G, K = natural["weights"].shape
-    peer = GMMHMM(n_components=G, n_mix=K, covariance_type="full", init_params="", params="stmcw", n_iter=n_iter, tol=-np.inf)
+    peer = GMMHMM(n_components=G, n_mix=K, covariance_type="full", init_params="", params="stmcw", n_iter=n_iter,
+                  tol=-np.inf)
     peer.startprob_ = natural["initial_regime"].copy()
     peer.transmat_ = natural["regime_transition"].copy()
     peer.weights_ = natural["weights"].copy()
@@ -271,7 +275,8 @@ def test_leverage_regression_derivatives_match_autodiff(rng):
         return jnp.sum(pairwise * jax.nn.log_softmax(logits, axis=-1))
 
     data = m_step_module._leverage_inputs(LeverageStats(pairwise, x[:, :-1]))
-    np.testing.assert_allclose(m_step_module.leverage_log_likelihood(raw, *data), softmax_objective(raw.reshape(-1)), rtol=1e-12)
+    np.testing.assert_allclose(m_step_module.leverage_log_likelihood(raw, *data), softmax_objective(raw.reshape(-1)),
+                               rtol=1e-12)
     grad, hess = m_step_module.leverage_derivatives(raw, *data)
     np.testing.assert_allclose(grad, jax.grad(softmax_objective)(raw.reshape(-1)), atol=1e-10)
     np.testing.assert_allclose(hess, jax.hessian(softmax_objective)(raw.reshape(-1)), atol=1e-10)

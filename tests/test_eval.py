@@ -20,7 +20,7 @@ NAMES = ("ST", "VT", "RC", "RHA")
 def test_confusion_matrix_counts_pairs(rng):
     true, pred = rng.integers(0, 4, 500), rng.integers(0, 3, 500)
     expected = np.zeros((4, 3), int)
-    for t, p in zip(true, pred):
+    for t, p in zip(true, pred, strict=True):
         expected[t, p] += 1
     np.testing.assert_array_equal(confusion_matrix(true, pred, 4, 3), expected)
     with pytest.raises(ValueError, match="predictions must lie in"):

@@ -90,14 +90,14 @@ def test_against_brute_force(rng, name, T):
     filtered = model.filter(y, x_arg)
     np.testing.assert_allclose(filtered.log_likelihood, ref["loglik"], rtol=1e-12)
     np.testing.assert_allclose(np.asarray(filtered.joint).reshape(T, -1), ref["filtered"], atol=1e-12)
-    for got, want in zip(_factor_list(filtered.marginals), _per_factor_marginals(spec, ref["filtered"])):
+    for got, want in zip(_factor_list(filtered.marginals), _per_factor_marginals(spec, ref["filtered"]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-12)
 
     smoothed = model.smooth(y, x_arg)
     np.testing.assert_allclose(np.asarray(smoothed.joint).reshape(T, -1), ref["smoothed"], atol=1e-12)
-    for got, want in zip(_factor_list(smoothed.marginals), _per_factor_marginals(spec, ref["smoothed"])):
+    for got, want in zip(_factor_list(smoothed.marginals), _per_factor_marginals(spec, ref["smoothed"]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-12)
-    for got, want in zip(_factor_list(smoothed.pairwise), _per_factor_pairwise(spec, ref["pairwise"])):
+    for got, want in zip(_factor_list(smoothed.pairwise), _per_factor_pairwise(spec, ref["pairwise"]), strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-12)
 
@@ -115,6 +115,6 @@ def test_pairwise_is_consistent_with_marginals(rng):
     model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
     y, x = rng.normal(size=(60, 2)), rng.normal(size=60)
     result = model.smooth(y, x)
-    for pair, marg in zip(_factor_list(result.pairwise), _factor_list(result.marginals)):
+    for pair, marg in zip(_factor_list(result.pairwise), _factor_list(result.marginals), strict=True):
         np.testing.assert_allclose(pair.sum(-1), marg[:-1], atol=1e-10)
         np.testing.assert_allclose(pair.sum(-2), marg[1:], atol=1e-10)

@@ -84,7 +84,7 @@ def saved(tmp_path, model):
 def _assert_same_leaves(a, b):
     leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert np.array_equal(np.asarray(x), np.asarray(y))
 

@@ -32,7 +32,8 @@ def _separated_model(spec, rng):
 
 @pytest.mark.parametrize("leverage", ["markov", "predictable", "none"])
 def test_sample_then_filter_recovers_regimes(rng, leverage):
-    spec = ModelSpec(num_features=4, num_regimes=3, num_chains=1, leverage=leverage, driver_feature=0, num_leverage_lags=5)
+    spec = ModelSpec(num_features=4, num_regimes=3, num_chains=1, leverage=leverage, driver_feature=0,
+                     num_leverage_lags=5)
     model, _ = _separated_model(spec, rng)
     sample = model.sample(jax.random.key(3), 3000)
     filtered = np.asarray(model.filter(sample.observations).marginals.regime).argmax(-1)
@@ -51,7 +52,8 @@ def test_sample_follows_the_factor_chains(rng):
     sample = model.sample(jax.random.key(5), 40_000, x=x)
     chains = [
         (np.asarray(sample.states.regime), natural["regime_transition"]),
-        (np.asarray(sample.states.persistence[:, 0]), np.array([[1, 0], [0, 1]]) * (2 * natural["persistence_stay"][0] - 1) + (1 - natural["persistence_stay"][0])),
+        (np.asarray(sample.states.persistence[:, 0]),
+         np.array([[1, 0], [0, 1]]) * (2 * natural["persistence_stay"][0] - 1) + (1 - natural["persistence_stay"][0])),
         (np.asarray(sample.states.jump), natural["jump_transition"]),
     ]
     a = natural["leverage_logits"][0]
@@ -72,7 +74,8 @@ def test_sampled_scale_matches_factor_states(rng):
     c1, theta = natural["c1"], natural["theta_c"]
     c = np.array([c1, 1 + theta * (c1 - 1)])
     e = np.asarray(sample.states.persistence)
-    want = (e * np.log(c)).sum(1) + np.log(natural["m1"]) * np.asarray(sample.states.jump) + np.log(natural["l1"]) * np.asarray(sample.states.leverage)
+    want = ((e * np.log(c)).sum(1) + np.log(natural["m1"]) * np.asarray(sample.states.jump)
+            + np.log(natural["l1"]) * np.asarray(sample.states.leverage))
     np.testing.assert_allclose(sample.log_scale, want, rtol=1e-12)
 
 

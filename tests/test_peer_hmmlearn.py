@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from helpers import random_natural
 from hmmlearn.hmm import GMMHMM
 
 from fhmv_jax import FHMV, ModelSpec
-from helpers import random_natural
 
 
 @pytest.mark.parametrize(("G", "K", "D"), [(3, 2, 3), (4, 1, 2)])

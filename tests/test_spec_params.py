@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,7 +118,8 @@ def test_missing_and_unknown_keys_raise(rng):
 
 
 def test_jump_family_membership_is_checked(rng):
-    family = ModelSpec(num_features=2, num_regimes=1, num_chains=0, num_jump_states=3, jump_mode="family", leverage="none")
+    family = ModelSpec(num_features=2, num_regimes=1, num_chains=0, num_jump_states=3, jump_mode="family",
+                       leverage="none")
     natural = random_natural(family, rng)
     natural["jump_transition"] = np.array([[0.8, 0.15, 0.05], [0.3, 0.6, 0.1], [0.3, 0.1, 0.6]])
     with pytest.raises(ValueError, match="not of the form"):

@@ -44,7 +44,7 @@ def _accuracy(model, y, labels):
 def _components(rng, n):
     factors = rng.normal(size=(n, 3, 3))
     return [Component(w, m, f @ f.T + np.eye(3), 5.0) for w, m, f in
-            zip(rng.uniform(0.2, 1.0, n), rng.normal(size=(n, 3)), factors)]
+            zip(rng.uniform(0.2, 1.0, n), rng.normal(size=(n, 3)), factors, strict=True)]
 
 
 def test_collapse_and_split_preserve_mixture_moments(rng):
@@ -57,7 +57,8 @@ def test_collapse_and_split_preserve_mixture_moments(rng):
     assert single.weight == pytest.approx(sum(c.weight for c in parts))
 
     halves = split_component(single)
-    mean, cov = _mixture_moments([0.5, 0.5], np.stack([h.mean for h in halves]), np.stack([h.covariance for h in halves]))
+    mean, cov = _mixture_moments([0.5, 0.5], np.stack([h.mean for h in halves]),
+                                 np.stack([h.covariance for h in halves]))
     np.testing.assert_allclose(mean, single.mean, atol=1e-12)
     np.testing.assert_allclose(cov, single.covariance, atol=1e-12)
     assert not np.allclose(halves[0].mean, halves[1].mean)
@@ -81,13 +82,13 @@ def test_candidate_lumps_and_duplicates_the_chain_and_keeps_moments():
     np.testing.assert_allclose(new["initial_regime"].sum(), 1.0, atol=1e-12)
 
     def moments(values, regimes, scales):
-        w = np.concatenate([s * values["weights"][g] for g, s in zip(regimes, scales)])
+        w = np.concatenate([s * values["weights"][g] for g, s in zip(regimes, scales, strict=True)])
         return _mixture_moments(w, np.concatenate([values["means"][g] for g in regimes]),
                                 np.concatenate([values["covariances"][g] for g in regimes]))
 
-    for got, want in zip(moments(new, [1], [1.0]), moments(natural, [1, 2], [pi[1], pi[2]])):
+    for got, want in zip(moments(new, [1], [1.0]), moments(natural, [1, 2], [pi[1], pi[2]]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-9)
-    for got, want in zip(moments(new, [0, 2], [0.5, 0.5]), moments(natural, [0], [1.0])):
+    for got, want in zip(moments(new, [0, 2], [0.5, 0.5]), moments(natural, [0], [1.0]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-9)
     with pytest.raises(ValueError, match="three different regimes"):
         merge_split_candidate(truth, (1, 2), 2)
@@ -104,7 +105,8 @@ def test_split_merge_leaves_the_bimodal_local_optimum():
         return _accuracy(fit.model, y, labels)
 
     assert accuracy(plain) < 0.8 and plain.objectives[-1] < reference.objectives[-1] - 100
-    assert repaired.split_merges and repaired.split_merges[0].objective_after > repaired.split_merges[0].objective_before
+    move = repaired.split_merges[0]
+    assert move.objective_after > move.objective_before
     assert repaired.objectives[-1] >= reference.objectives[-1] - 1e-6 * abs(reference.objectives[-1])
     assert accuracy(repaired) > 0.97
     assert len(repaired.log_likelihoods) == repaired.num_iters + 1 + len(repaired.split_merges)

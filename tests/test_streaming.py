@@ -101,7 +101,7 @@ def test_blocks_and_saved_state_continue_one_pass(rng, tmp_path, name):
     for field in whole._fields:
         joined = np.concatenate([getattr(first, field), getattr(middle, field), getattr(last, field)])
         np.testing.assert_allclose(joined, getattr(whole, field), rtol=1e-13, atol=1e-15)
-    for got, want in zip(state, whole_state):
+    for got, want in zip(state, whole_state, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
 
 

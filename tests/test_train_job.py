@@ -1,17 +1,18 @@
 """The main job end to end (tiny overrides), quick_test, and a Hydra multirun."""
 
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pipeline
 import pytest
+import schema
 from hydra import compose, initialize_config_dir
 
 import fhmv_jax
-import pipeline
-import schema
 from fhmv_jax.eval import predict_raw, predict_regimes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def test_job_writes_every_output_with_the_documented_metrics(job):
     history = np.asarray(written["log_likelihoods"])
     assert len(history) == written["num_iters"] + 1 + len(written["split_merges"])
     cuts = [0] + [move["iteration"] + 1 for move in written["split_merges"]] + [len(history)]
-    for begin, end in zip(cuts[:-1], cuts[1:]):
+    for begin, end in itertools.pairwise(cuts):
         assert np.all(np.diff(history[begin:end]) >= -1e-6)
     assert written["incremental"]["decision"] in ("deployed", "rejected")
     assert (directory / "registry" / "v0001.fhmv").is_file()

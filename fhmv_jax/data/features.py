@@ -160,7 +160,7 @@ class FeatureTransform(NamedTuple):
                 raise ValueError(f"log1p of feature {self.feature_names[d]!r} needs values > -1")
             out[..., d] = np.log1p(rows[..., d])
         ewma_columns = self._columns([n for n, _ in self.ewma_spans], "ewma_spans")
-        for i, (d, (_, span)) in enumerate(zip(ewma_columns, self.ewma_spans)):
+        for i, (d, (_, span)) in enumerate(zip(ewma_columns, self.ewma_spans, strict=True)):
             out[..., d] = ewma(out[..., d], span, None if carry is None else carry.ewma[..., i], axis=-1)
         return TransformedRows(out, FeatureCarry(raw[..., -1, :].copy(), out[..., -1, ewma_columns].copy()))
 

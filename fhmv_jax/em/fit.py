@@ -59,7 +59,8 @@ def fit_em(
             Sigma = (S + ridge I) / (n + count) that keeps covariances positive definite.
         split_merge_rounds: after convergence, up to this many split-merge rounds (see
             ``split_merge``): every candidate (two regimes that switch between each other
-            most, or are most alike, merged; another split) runs ``split_merge_iters`` iterations vmapped, and the best is continued
+            most, or are most alike, merged; another split) runs ``split_merge_iters`` iterations
+            vmapped, and the best is continued
             to convergence only if it ends above the current penalised log-likelihood; the
             rounds stop at the first that finds no better candidate. Needs G >= 3.
         callback: called with an ``IterationInfo`` after every iteration (e.g. to drive a progress bar).
@@ -98,7 +99,8 @@ def fit_em(
         if key is None:
             raise ValueError("num_restarts > 1 needs a PRNG key for the new initialisations")
         keys = jax.random.split(key, num_restarts - 1)
-        starts = [model] + [init_model(k, spec, y, x, lengths=mask.sum(1), method=init_method).astype(dtype) for k in keys]
+        lengths = mask.sum(1)
+        starts = [model] + [init_model(k, spec, y, x, lengths=lengths, method=init_method).astype(dtype) for k in keys]
         fit = run(stack_models(starts), max_iters=max_iters, callback=callback, stacked=True)
     else:
         fit = run(model, max_iters=max_iters, callback=callback)

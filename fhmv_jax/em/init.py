@@ -172,7 +172,8 @@ def init_model(
     points = np.asarray(y)[np.asarray(mask)]
     if points.shape[0] < spec.num_regimes * spec.num_components:
         raise ValueError(
-            f"{points.shape[0]} observations cannot initialise {spec.num_regimes} regimes x {spec.num_components} components"
+            f"{points.shape[0]} observations cannot initialise {spec.num_regimes} regimes"
+            f" x {spec.num_components} components"
         )
     key_subsample, key_clusters = jax.random.split(key)
     key_regimes, key_components = jax.random.split(key_clusters)

@@ -72,7 +72,8 @@ def print_progress(info: IterationInfo) -> None:
     """A progress line per iteration (``fit_em(verbose=True)``)."""
     gain = "" if info.iteration == 0 else f"  gain/step {info.gain_per_step:+.3e}"
     best = f" (best of {info.num_restarts} restarts)" if info.num_restarts > 1 else ""
-    print(f"EM iter {info.iteration:3d}  log-lik {info.log_likelihood:.6f}{gain}  {info.seconds:.2f}s{best}", flush=True)
+    print(f"EM iter {info.iteration:3d}  log-lik {info.log_likelihood:.6f}{gain}  {info.seconds:.2f}s{best}",
+          flush=True)
 
 
 def _em_step(
@@ -187,7 +188,8 @@ def run_em(
         gain = (objective - objectives[-2]) / num_steps if len(objectives) > 1 else np.full_like(objective, np.inf)
         if callback is not None:
             now = time.perf_counter()
-            callback(IterationInfo(iteration, float(log_lik.max()), float(gain[np.argmax(log_lik)]), now - start, len(log_lik)))
+            leader = int(np.argmax(log_lik))
+            callback(IterationInfo(iteration, float(log_lik[leader]), float(gain[leader]), now - start, len(log_lik)))
             start = now
         converged = bool(np.all(gain < tol))
         if iteration == max_iters or converged:
@@ -198,4 +200,5 @@ def run_em(
     best = int(np.argmax(objectives[-1]))
     if stacked:
         model = jax.tree.map(lambda leaf: leaf[best], model)
-    return FitResult(model, log_liks[:, best], converged, len(log_liks) - 1, objectives[:, best], log_liks[-1], objectives[-1])
+    return FitResult(model, log_liks[:, best], converged, len(log_liks) - 1, objectives[:, best], log_liks[-1],
+                     objectives[-1])

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.scipy.special import digamma, xlogy
 
@@ -31,10 +32,18 @@ from ..model.emissions import StudentTMixture
 from ..model.factors import JumpChain, MarkovLeverage, PersistenceChains, RegimeChain, jump_stationary_law
 from ..model.fhmv import FHMV, initial_shocks, log_scales, volatility_log_scales
 from ..model.params import logit, safe_log
-from .stats import ComponentStats, LeverageStats, SequenceStats, StateMoments, StepMoments, moments_about, scale_exponents
+from .stats import (
+    ComponentStats,
+    LeverageStats,
+    SequenceStats,
+    StateMoments,
+    StepMoments,
+    moments_about,
+    scale_exponents,
+)
 
 _NEWTON_STEPS = 3
-_STEP_SIZES = 0.5 ** jnp.arange(5)
+_STEP_SIZES = 0.5 ** np.arange(5)
 _BISECTION_STEPS = 64
 
 
@@ -241,7 +250,7 @@ def scale_update(old: FHMV, model: FHMV, stats: StateMoments | StepMoments) -> F
         else:
             log_s = volatility_log_scales(candidate)
         value = -half_dim * jnp.sum(counts * log_s)
-        for e, load in zip(exponents, loads):
+        for e, load in zip(exponents, loads, strict=True):
             value = value - 0.5 * jnp.sum(load * jnp.exp(-e * log_s))
         return value
 
@@ -303,7 +312,8 @@ def m_step(model: FHMV, stats: SequenceStats, prior: CovariancePrior) -> FHMV:
     if model.jump is not None:
         axis = 1 + num_chains
         updated = eqx.tree_at(lambda m: m.jump, updated, jump_update(model.jump, initial[axis], transitions[axis]))
-    updated = eqx.tree_at(lambda m: m.emission, updated, emission_update(model.emission, _summed(stats.components), prior))
+    mixture = emission_update(model.emission, _summed(stats.components), prior)
+    updated = eqx.tree_at(lambda m: m.emission, updated, mixture)
     updated = scale_update(model, updated, stats.volatility)
     if stats.leverage is not None:
         updated = eqx.tree_at(lambda m: m.leverage, updated, leverage_update(updated.leverage, stats.leverage))

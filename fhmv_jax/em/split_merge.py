@@ -6,7 +6,8 @@ between themselves, while two true regimes share a single fitted regime (one mix
 component each). No EM step leaves it, since each move would first lower the likelihood.
 
 A split-merge candidate repairs exactly that in one jump: two regimes i, j (a pair that
-switches between itself often, A_ij + A_ji high, or a pair with alike emissions) become one regime (their 2K components reduced to K by
+switches between itself often, A_ij + A_ji high, or a pair with alike emissions) become one regime
+(their 2K components reduced to K by
 Runnalls' moment-preserving merges), and the freed slot takes half of another regime r
 (r's components divided into two groups, each expanded back to K by moment-preserving
 splits). The chain laws are lumped and duplicated the same way. ``fit_em`` runs a few EM
@@ -44,15 +45,17 @@ def collapse(components: list[Component]) -> Component:
     weights = np.array([c.weight for c in components])
     total = weights.sum()
     share = weights / total if total > 0 else np.full(len(components), 1 / len(components))
-    mean = sum(s * c.mean for s, c in zip(share, components))
-    covariance = sum(s * (c.covariance + np.outer(c.mean - mean, c.mean - mean)) for s, c in zip(share, components))
-    return Component(total, mean, covariance, float(sum(s * c.dof for s, c in zip(share, components))))
+    mean = sum(s * c.mean for s, c in zip(share, components, strict=True))
+    covariance = sum(s * (c.covariance + np.outer(c.mean - mean, c.mean - mean))
+                     for s, c in zip(share, components, strict=True))
+    return Component(total, mean, covariance, float(sum(s * c.dof for s, c in zip(share, components, strict=True))))
 
 
 def _merge_cost(a: Component, b: Component) -> float:
     """Runnalls' (2007) upper bound on the KL divergence a merge of a and b causes."""
     merged = collapse([a, b])
-    return 0.5 * sum(sign * c.weight * np.linalg.slogdet(c.covariance)[1] for sign, c in ((1, merged), (-1, a), (-1, b)))
+    return 0.5 * sum(sign * c.weight * np.linalg.slogdet(c.covariance)[1]
+                     for sign, c in ((1, merged), (-1, a), (-1, b)))
 
 
 def reduce_groups(components: list[Component], target: int) -> list[list[Component]]:

@@ -183,7 +183,7 @@ def _sum_over_last_axis(operands: tuple[Array, ...]) -> tuple[Array, ...]:
     storing them, which separate reductions would do for every (t, g, k, v)."""
     zeros = tuple(jnp.zeros((), a.dtype) for a in operands)
     last = operands[0].ndim - 1
-    return jax.lax.reduce(operands, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (last,))
+    return jax.lax.reduce(operands, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), (last,))
 
 
 def component_sums(
@@ -196,8 +196,10 @@ def component_sums(
         per_component, dof_terms = _sum_over_last_axis((tau, tau * (expected_log_w - expected_w)))
         omega = tau * expected_w
     else:
-        scaled = tuple(tau * expected_w * jnp.exp(-e * terms.log_scale)[:, None, None, :] for e in scale_exponents(mixture))
-        *per_exponent, per_component, dof_terms = _sum_over_last_axis((*scaled, tau, tau * (expected_log_w - expected_w)))
+        scaled = tuple(tau * expected_w * jnp.exp(-e * terms.log_scale)[:, None, None, :]
+                       for e in scale_exponents(mixture))
+        *per_exponent, per_component, dof_terms = _sum_over_last_axis(
+            (*scaled, tau, tau * (expected_log_w - expected_w)))
         omega = jnp.stack(per_exponent, axis=-1)
     outer = centred[:, :, None] * centred[:, None, :]
     return ComponentSums(
@@ -276,7 +278,7 @@ def e_step(
 
     def collect(rows, posterior: BlockPosterior):
         pairwise = tuple(varying_pairwise(others, axis, matrices, posterior.previous, posterior.weighted)
-                         for axis, matrices in zip(varying, posterior.incoming))
+                         for axis, matrices in zip(varying, posterior.incoming, strict=True))
         if not scales_vary:
             return pairwise, ()
         y_rows, terms = inputs.emissions.terms(rows)
@@ -289,7 +291,7 @@ def e_step(
     gram_total, sums = posterior.sums
     pairwise, step_weights = posterior.steps
     counts = list(invariant_counts(gram_total, transitions, shape))
-    for axis, per_step in zip(varying, pairwise):
+    for axis, per_step in zip(varying, pairwise, strict=True):
         counts[axis] = jnp.sum(per_step[1:], axis=0)
 
     moments = moments_about(sums.weights, sums.first, sums.second, mixture.means - reference[None, None, :])
@@ -312,6 +314,8 @@ def e_step(
     )
 
 
-def batch_e_step(model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None) -> SequenceStats:
+def batch_e_step(
+    model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None
+) -> SequenceStats:
     """``e_step`` vmapped over a leading sequence axis: every field gains a leading [B]."""
     return jax.vmap(lambda yb, xb, mb: e_step(model, yb, xb, mb, block_steps=block_steps))(y, x, mask)

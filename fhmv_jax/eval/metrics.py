@@ -30,7 +30,7 @@ class RegimeScores(NamedTuple):
         """JSON-able scores, per-regime values keyed by name (NaN becomes ``None``)."""
 
         def per_name(values):
-            return {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values)}
+            return {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values, strict=True)}
 
         return {
             "accuracy": self.accuracy,

@@ -100,7 +100,8 @@ def _factors(ax, data: DashboardData) -> None:
     if data.dof is not None:
         lines.append("")
         lines.append("degrees of freedom (per component):")
-        lines += [f"{name:>10}: " + ", ".join(f"{v:.1f}" for v in row) for name, row in zip(data.names, data.dof)]
+        lines += [f"{name:>10}: " + ", ".join(f"{v:.1f}" for v in row)
+                  for name, row in zip(data.names, data.dof, strict=True)]
     ax.text(0.02, 0.98, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
             transform=ax.transAxes)
     ax.set(title="Fitted factor parameters")
@@ -118,7 +119,8 @@ def training_dashboard(path: str | os.PathLike, data: DashboardData) -> str:
         The path written.
     """
     figure, axes = plt.subplots(3, 2, figsize=(15, 14))
-    for draw, ax in zip((_convergence, _confusion, _sequence, _heatmap, _distribution, _factors), axes.ravel()):
+    panels = (_convergence, _confusion, _sequence, _heatmap, _distribution, _factors)
+    for draw, ax in zip(panels, axes.ravel(), strict=True):
         draw(ax, data)
     figure.suptitle(data.title, fontsize=14)
     figure.tight_layout()

@@ -19,7 +19,6 @@ import functools
 import math
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float
@@ -106,7 +105,7 @@ def merge_invariant_axes(
             merged_shape.append(merged[-1].shape[-1])
             run.clear()
 
-    for size, matrix in zip(shape[1:], transitions[1:]):
+    for size, matrix in zip(shape[1:], transitions[1:], strict=True):
         if matrix.ndim == 2 and (not run or math.prod(m.shape[-1] for m in run) * size <= max_size):
             run.append(matrix)
             continue

@@ -111,7 +111,7 @@ def block_layout(num_steps: int, block_steps: int) -> tuple[int, int]:
 
 
 def _blocked(tree, num_blocks: int, size: int, mode: str = "edge"):
-    """Arrays [T, ...] padded at the end (repeating the last row, or with zeros) and split into [num_blocks, size, ...]."""
+    """Arrays [T, ...] padded at the end (repeating the last row, or with zeros), split into [num_blocks, size, ...]."""
 
     def split(a):
         padding = [(0, num_blocks * size - a.shape[0])] + [(0, 0)] * (a.ndim - 1)

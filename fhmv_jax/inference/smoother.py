@@ -88,7 +88,7 @@ def pairwise_marginals(
 def moved_back_along_varying(weighted: Array, transitions: Transitions, incoming: tuple[Array, ...]) -> Array:
     """[L, *shape] r_t moved back along the time-varying axes by their per-step matrices."""
     messages = weighted
-    for axis, per_step in zip(axes_by_kind(transitions)[0], incoming):
+    for axis, per_step in zip(axes_by_kind(transitions)[0], incoming, strict=True):
         moved = jnp.einsum("t...j,tij->t...i", jnp.moveaxis(messages, axis + 1, -1), per_step)
         messages = jnp.moveaxis(moved, -1, axis + 1)
     return messages

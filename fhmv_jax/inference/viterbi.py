@@ -13,7 +13,7 @@ def _column_log_probs(log_matrices: tuple[Array, ...], next_state: tuple[Array, 
     """log P(h, h') for every h and one fixed h': the outer sum of the factors' columns."""
     total = jnp.zeros(())
     ndim = len(log_matrices)
-    for axis, (log_matrix, index) in enumerate(zip(log_matrices, next_state)):
+    for axis, (log_matrix, index) in enumerate(zip(log_matrices, next_state, strict=True)):
         shape = [1] * ndim
         shape[axis] = log_matrix.shape[0]
         total = total + log_matrix[:, index].reshape(shape)
@@ -62,5 +62,6 @@ def most_likely_states(
         return state, jnp.stack(state)
 
     last = jnp.unravel_index(jnp.argmax(log_deltas[-1]), shape)
-    _, earlier = jax.lax.scan(_backward, last, (log_deltas[:-1], tuple(m[:-1] for m in dynamic)), reverse=True, unroll=UNROLL)
+    steps = (log_deltas[:-1], tuple(m[:-1] for m in dynamic))
+    _, earlier = jax.lax.scan(_backward, last, steps, reverse=True, unroll=UNROLL)
     return jnp.concatenate([earlier, jnp.stack(last)[None]])

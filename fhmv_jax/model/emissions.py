@@ -26,7 +26,6 @@ from jax.scipy.special import gammaln
 
 from .._types import Array, Float
 from .params import AbstractBlock, as_array, bounded, check_interval, check_stochastic, cholesky_factor, logit, safe_log
-from .spec import ModelSpec
 
 
 class MahalanobisTerms(NamedTuple):

@@ -77,7 +77,8 @@ class RegimeChain(AbstractChainFactor):
     def from_natural(cls, spec, values, dtype=None):
         check_stochastic("initial_regime", values["initial_regime"])
         check_stochastic("regime_transition", values["regime_transition"])
-        return cls(as_array(safe_log(values["initial_regime"]), dtype), as_array(safe_log(values["regime_transition"]), dtype))
+        return cls(as_array(safe_log(values["initial_regime"]), dtype),
+                   as_array(safe_log(values["regime_transition"]), dtype))
 
     @classmethod
     def start(cls, spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -167,8 +168,8 @@ class PersistenceChains(AbstractVolatilityFactor):
         if "theta_c" in values:
             check_interval("theta_c", values["theta_c"], 0.0, 1.0, "neither")
             theta = logit(values["theta_c"])
-        return cls(spec.num_chains, spec.tied_persistence, as_array(logit(p[:1] if spec.tied_persistence else p), dtype),
-                   as_array(np.log(values["c1"] - 1), dtype), as_array(theta, dtype))
+        stay, c1 = logit(p[:1] if spec.tied_persistence else p), np.log(values["c1"] - 1)
+        return cls(spec.num_chains, spec.tied_persistence, *(as_array(a, dtype) for a in (stay, c1, theta)))
 
     @classmethod
     def start(cls, spec: ModelSpec) -> dict[str, np.ndarray]:

@@ -61,7 +61,8 @@ def block_classes(spec: ModelSpec) -> dict[str, type[AbstractBlock] | None]:
 
 def natural_shapes(spec: ModelSpec) -> dict[str, Shape]:
     """Natural-parameter keys a spec uses, with their shapes (ARCHITECTURE.md)."""
-    return {k: v for cls in block_classes(spec).values() if cls is not None for k, v in cls.natural_shapes(spec).items()}
+    return {key: shape for block in block_classes(spec).values() if block is not None
+            for key, shape in block.natural_shapes(spec).items()}
 
 
 def raw_layout(spec: ModelSpec) -> dict[str, Shape | None]:
@@ -308,7 +309,8 @@ class FHMV(eqx.Module):
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if self.spec.needs_driver and x is None and self.spec.driver_feature is None:
             raise ValueError(
-                f"leverage={self.spec.leverage!r} needs a driver: pass x (shape [num_steps]) or set ModelSpec.driver_feature"
+                f"leverage={self.spec.leverage!r} needs a driver: pass x (shape [num_steps]) or set"
+                " ModelSpec.driver_feature"
             )
         if x is not None:
             x = jnp.asarray(x, dtype=self.dtype)
@@ -513,7 +515,7 @@ def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> 
     def _draw_state(key, t, state, x_prev):
         keys = jax.random.split(key, len(laws) + 1)
         new = []
-        for k, law, matrix, s in zip(keys, laws, matrices, state):
+        for k, law, matrix, s in zip(keys, laws, matrices, state, strict=False):
             probs = jnp.where(t == 0, law, matrix[s])
             new.append(jax.random.categorical(k, jnp.log(probs)).astype(jnp.int32))
         if varying is not None:
