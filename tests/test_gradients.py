@@ -15,7 +15,7 @@ from fhmv_jax import FHMV
 def test_gradient_matches_finite_differences(rng, name):
     spec = TINY_SPECS[name]
     model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
-    y, x = rng.normal(size=(30, spec.num_features)) * 1.3, rng.normal(size=30)
+    y, x = rng.normal(size=(60, spec.num_features)) * 1.3, rng.normal(size=60)
     x_arg = x if spec.needs_driver else None
     flat, unravel = ravel_pytree(model)
 

@@ -1,5 +1,6 @@
 """Filter, smoother, two-slice marginals and Viterbi against brute-force path enumeration."""
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -41,15 +42,22 @@ def _factor_list(factors):
     return out
 
 
+@eqx.filter_jit
+def _blocked_posteriors(model, y, x, mask):
+    """The smoother's and the E-step's posteriors in blocks of 2 steps."""
+    inputs = sequence_inputs(model, y, x)
+    posterior = inference.smoother(inputs.initial, inputs.transitions, inputs.emissions.likelihoods, inputs.rows,
+                                   mask, block_steps=2)
+    return posterior, e_step(model, y, x, mask, block_steps=2)
+
+
 def _check_blocked_posteriors(spec, model, y, x, ref, rng, padding=3):
     """The smoother and the E-step in blocks of 2 steps, on the sequence followed by garbage padding steps."""
     T = y.shape[0]
     y_pad = jnp.asarray(np.concatenate([y, rng.normal(size=(padding, y.shape[1])) * 50]))
     x_pad = jnp.asarray(np.concatenate([x, rng.normal(size=padding)])) if spec.needs_driver else None
     mask = jnp.asarray(np.arange(T + padding) < T)
-    inputs = sequence_inputs(model, y_pad, x_pad)
-    posterior = inference.smoother(inputs.initial, inputs.transitions, inputs.emissions.likelihoods, inputs.rows,
-                                   mask, block_steps=2)
+    posterior, stats = _blocked_posteriors(model, y_pad, x_pad, mask)
     np.testing.assert_allclose(posterior.log_likelihood, ref["loglik"], rtol=1e-12)
     smoothed = np.asarray(posterior.smoothed).reshape(T + padding, -1)
     np.testing.assert_allclose(smoothed[:T], ref["smoothed"], atol=1e-12)
@@ -58,7 +66,6 @@ def _check_blocked_posteriors(spec, model, y, x, ref, rng, padding=3):
         np.testing.assert_allclose(got[: T - 1], want, atol=1e-12)
         np.testing.assert_array_equal(got[T - 1 :], 0.0)
 
-    stats = e_step(model, y_pad, x_pad, mask, block_steps=2)
     np.testing.assert_allclose(stats.log_likelihood, ref["loglik"], rtol=1e-12)
     marginals = _per_factor_marginals(spec, ref["smoothed"])
     pairwise = _per_factor_pairwise(spec, ref["pairwise"])
@@ -73,7 +80,7 @@ def _check_blocked_posteriors(spec, model, y, x, ref, rng, padding=3):
 
 
 @pytest.mark.parametrize("name", list(TINY_SPECS))
-@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("T", [1, 4])
 def test_against_brute_force(rng, name, T):
     spec = TINY_SPECS[name]
     if spec.num_states ** T > 70000:

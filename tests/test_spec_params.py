@@ -1,7 +1,11 @@
 """ModelSpec validation and the natural <-> unconstrained parameter maps."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 import fhmv_jax
 from fhmv_jax import FHMV, ModelSpec
+from fhmv_jax.model import JumpChain, NoLeverage
 
 
 def test_default_spec_sizes():
@@ -151,6 +156,51 @@ def test_float32_option(rng):
     np.testing.assert_allclose(ll32, ll64, rtol=1e-5)
 
 
-def test_public_api_exports():
-    for name in ("FHMV", "ModelSpec", "FilterResult", "SmoothResult", "Factors", "Sample"):
-        assert hasattr(fhmv_jax, name)
+def test_public_api_is_the_documented_one():
+    """ARCHITECTURE.md's binding names, with the methods and fields it documents."""
+    assert set(fhmv_jax.__all__) >= {"ModelSpec", "FHMV", "init_model", "fit_em", "FitResult", "save", "load",
+                                     "Standardizer", "enable_x64"}
+    for name in fhmv_jax.__all__:
+        assert getattr(fhmv_jax, name) is not None, name
+    for method in ("log_likelihood", "filter", "smooth", "viterbi", "sample", "from_natural_parameters",
+                   "natural_parameters"):
+        assert callable(getattr(FHMV, method)), method
+    assert {"model", "log_likelihoods", "converged", "num_iters"} <= set(fhmv_jax.FitResult._fields)
+    assert fhmv_jax.data.simulate_market is fhmv_jax.data.synthetic.simulate_market
+    for method in ("fit", "transform", "inverse_transform"):
+        assert callable(getattr(fhmv_jax.Standardizer, method)), method
+
+
+def test_importing_changes_no_jax_setting():
+    code = ("import fhmv_jax, jax; print(jax.config.jax_enable_x64); fhmv_jax.enable_x64();"
+            " print(jax.config.jax_enable_x64)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"})
+    assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("spec", ROUND_TRIP_SPECS, ids=lambda s: f"{s.leverage}-{s.jump_mode}-{s.num_chains}")
+def test_free_parameter_count_is_the_rank_of_the_natural_map(spec, rng):
+    """Every block's count of free parameters equals the rank of the Jacobian of the natural parameters in the
+    unconstrained ones: ties, fixed values (leverage logits of state 0) and implied ones (softmax rows, the
+    unused Cholesky upper triangle) are counted out."""
+    model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
+    flat, unravel = ravel_pytree(model)
+    natural = jax.jit(lambda v: ravel_pytree(unravel(v).natural_parameters())[0])
+    rank = np.linalg.matrix_rank(np.asarray(jax.jacfwd(natural)(flat)), tol=1e-8)
+    assert model.num_free_parameters == rank
+    assert model.num_free_parameters == sum(block.num_free_parameters for block in model.blocks().values())
+
+
+def test_blocks_must_fit_the_spec(rng):
+    spec = TINY_SPECS["markov"]
+    model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
+    blocks = model.blocks()
+    with pytest.raises(ValueError, match="persistence must be a PersistenceChains"):
+        FHMV(spec, **(blocks | {"persistence": None}))
+    with pytest.raises(ValueError, match="leverage must be a MarkovLeverage"):
+        FHMV(spec, **(blocks | {"leverage": NoLeverage()}))
+    with pytest.raises(ValueError, match=r"emission.means has shape \(2, 2, 3\), the spec implies \(2, 2, 2\)"):
+        FHMV(spec, **(blocks | {"emission": blocks["emission"].replace(means=jnp.zeros((2, 2, 3)))}))
+    with pytest.raises(ValueError, match="jump.mode is 'iid', the spec implies 'markov'"):
+        FHMV(spec, **(blocks | {"jump": JumpChain(2, "iid", *list(blocks["jump"].raw_arrays().values()))}))

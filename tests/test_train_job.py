@@ -1,4 +1,7 @@
-"""The main job end to end (tiny overrides), quick_test, and a Hydra multirun."""
+"""The main job end to end (the tiny experiment), quick_test in-process, and one Hydra multirun in a subprocess.
+
+The job, quick_test and the multirun's runs fit the same tiny problem, so after the module's first
+run they find every compiled program in memory or in the persistent compilation cache (conftest)."""
 
 import itertools
 import json
@@ -9,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pipeline
 import pytest
+import quick_test
 import schema
 from hydra import compose, initialize_config_dir
 
@@ -27,7 +31,7 @@ def _config(overrides):
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     directory = tmp_path_factory.mktemp("run")
-    cfg = _config(["train.split_merge_rounds=1", "train.split_merge_iters=2"])
+    cfg = _config([])
     return cfg, directory, pipeline.run(cfg, directory)
 
 
@@ -70,23 +74,32 @@ def test_reloaded_model_predicts_exactly_what_the_trained_one_did(job):
         pipeline.check_reload(saved, y_test, tampered, from_raw)
 
 
-def test_quick_test_script_passes():
-    result = subprocess.run([sys.executable, "experiments/quick_test.py"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "quick test passed" in result.stdout
+def test_quick_test_passes(job, capsys):
+    assert quick_test.main([]) == 0
+    assert "quick test passed" in capsys.readouterr().out
 
 
-def test_train_entry_point_multirun(tmp_path):
+def test_quick_test_reports_a_broken_output(job, capsys):
+    _, directory, metrics = job
+    assert quick_test.check_outputs(directory, metrics) == []
+    assert quick_test.check_outputs(directory, {**metrics, "regime_names": ["x"]}) == [
+        "saved regime names differ from the run's"
+    ]
+
+
+def test_train_entry_point_multirun(job, tmp_path):
     result = subprocess.run(
-        [sys.executable, "experiments/train.py", "-m", "experiment=tiny", "model=gmm_hmm", "model.num_components=1,2",
-         "eval.dashboard=false", f"hydra.sweep.dir={tmp_path}"],
+        [sys.executable, "experiments/train.py", "-m", "experiment=tiny", "seed=42,7", "eval.dashboard=false",
+         f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    runs = [d for d in tmp_path.iterdir() if (d / "metrics.json").is_file()]
-    components = sorted(fhmv_jax.load(d / "fhmv_model.fhmv").model.spec.num_components for d in runs)
-    assert components == [1, 2]
+    runs = sorted((d for d in tmp_path.iterdir() if (d / "metrics.json").is_file()), key=lambda d: d.name)
+    seeds = [fhmv_jax.load(d / "fhmv_model.fhmv").metadata["training"]["seed"] for d in runs]
+    assert seeds == [42, 7]
+    _, _, metrics = job
+    first = json.loads((runs[0] / "metrics.json").read_text())
+    assert first["log_likelihoods"] == pytest.approx(metrics["log_likelihoods"], rel=1e-12)
 
 
 def test_train_entry_point_rejects_an_unknown_key(tmp_path):

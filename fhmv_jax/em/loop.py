@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import inference
 from .._compile import fast_jit
 from .._types import Array, Scalar
-from ..model.fhmv import FHMV, sequence_inputs
+from ..model.fhmv import FHMV, sequence_log_likelihood
 from .m_step import CovariancePrior, log_prior, m_step
 from .stats import batch_e_step
 
@@ -108,9 +107,7 @@ def _objective(
     model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None
 ) -> StepInfo:
     def sequence(yb, xb, mb):
-        s = sequence_inputs(model, yb, xb)
-        return inference.log_likelihood(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mb,
-                                        block_steps=block_steps)
+        return sequence_log_likelihood(model, yb, xb, mb, block_steps=block_steps)
 
     return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.emission, prior))
 

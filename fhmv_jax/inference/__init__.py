@@ -12,7 +12,6 @@ from .blocked import (
     SmootherPosterior,
     forward_backward,
     forward_filter,
-    log_likelihood,
     smoother,
 )
 from .filter import forward_scan
@@ -26,7 +25,6 @@ __all__ = [
     "forward_backward",
     "forward_filter",
     "forward_scan",
-    "log_likelihood",
     "most_likely_states",
     "smoother",
 ]

@@ -171,20 +171,6 @@ def _forward_blocks(layout: _Layout, likelihoods: Likelihoods) -> tuple[Scalar, 
     return jnp.sum(jnp.log(normalisers)) + jnp.sum(shifts), filtered, normalisers
 
 
-def log_likelihood(
-    initial_probs: Float[Array, "..."],
-    transitions: Transitions,
-    likelihoods: Likelihoods,
-    inputs,
-    mask: Bool[Array, " T"],
-    *,
-    block_steps: int | None = None,
-) -> Scalar:
-    """log p(y) of the valid steps by the forward filter, block by block (arguments as in ``forward_backward``)."""
-    layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps)
-    return _forward_blocks(layout, likelihoods)[0]
-
-
 def forward_filter(
     initial_probs: Float[Array, "..."],
     transitions: Transitions,
@@ -194,7 +180,8 @@ def forward_filter(
     *,
     block_steps: int | None = None,
 ) -> FilterPosterior:
-    """log p(y) and the filtered laws of every step (arguments as in ``forward_backward``)."""
+    """log p(y) and the filtered laws of every step (arguments as in ``forward_backward``); a caller that
+    uses only the log-likelihood stores nothing per step (XLA drops the unused laws)."""
     layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps)
     log_lik, filtered, _ = _forward_blocks(layout, likelihoods)
     return FilterPosterior(log_lik, filtered.reshape((-1,) + initial_probs.shape)[: mask.shape[0]])

@@ -465,10 +465,18 @@ def _all_steps(y: Array) -> Bool[Array, " T"]:
     return jnp.ones(y.shape[0], bool)
 
 
+def sequence_log_likelihood(
+    model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"], *, block_steps: int | None = None
+) -> Scalar:
+    """log p(y) of the valid steps (``mask``, a prefix) of one sequence, by the blocked forward filter."""
+    s = sequence_inputs(model, y, x)
+    return inference.forward_filter(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mask,
+                                    block_steps=block_steps).log_likelihood
+
+
 @eqx.filter_jit
 def _log_likelihood(model: FHMV, y: Array, x: Array | None) -> Scalar:
-    s = sequence_inputs(model, y, x)
-    return inference.log_likelihood(s.initial, s.transitions, s.emissions.likelihoods, s.rows, _all_steps(y))
+    return sequence_log_likelihood(model, y, x, _all_steps(y))
 
 
 @eqx.filter_jit
