@@ -43,7 +43,7 @@ def test_merged_axes_propagate_like_the_factors(rng, name):
     model = fhmv_jax.FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
     x = jnp.asarray(rng.normal(size=6))
     inputs = sequence_inputs(model, jnp.zeros((6, spec.num_features)), x)
-    shape, merged = merge_invariant_axes(inputs.transitions, spec.state_shape)
+    shape, merged, _ = merge_invariant_axes(inputs.transitions, spec.state_shape)
     assert len(merged) < len(inputs.transitions)
     message = jnp.asarray(rng.uniform(size=spec.state_shape))
     step = [m if m.ndim == 2 else m[3] for m in inputs.transitions]

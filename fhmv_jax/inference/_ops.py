@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax.numpy as jnp
 
@@ -84,39 +85,61 @@ def max_product_step(log_delta: Array, log_matrices: Sequence[Array]) -> Array:
     return log_delta
 
 
-def merge_invariant_axes(
-    transitions: Transitions, shape: tuple[int, ...], max_size: int = 8
-) -> tuple[tuple[int, ...], Transitions]:
+class MergedAxes(NamedTuple):
+    """The joint state tensor with runs of time-invariant axes merged (``merge_invariant_axes``).
+
+    Attributes:
+        shape: the merged shape (a message of the original shape reshapes to it).
+        transitions: one matrix per merged axis, the Kronecker product of its members'.
+        groups: the original axes of every merged axis, in order.
+    """
+
+    shape: tuple[int, ...]
+    transitions: Transitions
+    groups: tuple[tuple[int, ...], ...]
+
+
+def merge_invariant_axes(transitions: Transitions, shape: tuple[int, ...], max_size: int = 8) -> MergedAxes:
     """Runs of consecutive time-invariant axes after the first, merged into one axis whose matrix
     is their Kronecker product (while it has at most ``max_size`` states).
 
     The joint transition is unchanged; a scan step then applies fewer, larger matrices, which
     XLA:CPU runs faster (one [8, 8] product costs less than three [2, 2] ones).
-
-    Returns:
-        (merged shape, merged transitions); a message of ``shape`` reshapes to the merged shape.
     """
-    merged_shape, merged = [shape[0]], [transitions[0]]
-    run: list[Array] = []
+    groups: list[list[int]] = [[0]]
+    run: list[int] = []
 
     def close_run():
         if run:
-            merged.append(functools.reduce(jnp.kron, run))
-            merged_shape.append(merged[-1].shape[-1])
+            groups.append(list(run))
             run.clear()
 
-    for size, matrix in zip(shape[1:], transitions[1:], strict=True):
-        if matrix.ndim == 2 and (not run or math.prod(m.shape[-1] for m in run) * size <= max_size):
-            run.append(matrix)
+    for axis in range(1, len(shape)):
+        if transitions[axis].ndim == 2 and (not run or math.prod(shape[a] for a in run) * shape[axis] <= max_size):
+            run.append(axis)
             continue
         close_run()
-        if matrix.ndim == 2:
-            run.append(matrix)
+        if transitions[axis].ndim == 2:
+            run.append(axis)
         else:
-            merged.append(matrix)
-            merged_shape.append(size)
+            groups.append([axis])
     close_run()
-    return tuple(merged_shape), tuple(merged)
+    merged = tuple(functools.reduce(jnp.kron, [transitions[a] for a in group]) if len(group) > 1
+                   else transitions[group[0]] for group in groups)
+    return MergedAxes(tuple(math.prod(shape[a] for a in group) for group in groups), merged,
+                      tuple(tuple(group) for group in groups))
+
+
+def split_pairwise(merged_pairwise: Float[Array, "L n n"], group: tuple[int, ...], shape: tuple[int, ...]
+                   ) -> tuple[Float[Array, "L m m"], ...]:
+    """The per-step two-slice marginals of each original axis of a merged one (sums over its other members)."""
+    if len(group) == 1:
+        return (merged_pairwise,)
+    sizes = tuple(shape[a] for a in group)
+    tensor = merged_pairwise.reshape(merged_pairwise.shape[:1] + sizes + sizes)
+    k = len(group)
+    others = [tuple(1 + j for j in range(k) if j != i) for i in range(k)]
+    return tuple(jnp.sum(tensor, axis=axes + tuple(k + a for a in axes)) for axes in others)
 
 
 def max_along_axis(log_message: Array, log_matrix: Float[Array, "n n"], axis: int) -> Array:

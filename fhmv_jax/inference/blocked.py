@@ -143,7 +143,7 @@ class _Layout(NamedTuple):
     @classmethod
     def of(cls, initial_probs, transitions, inputs, mask, block_steps) -> _Layout:
         num_blocks, size = block_layout(mask.shape[0], block_steps or default_block_steps(initial_probs.size))
-        merged_shape, merged = merge_invariant_axes(transitions, initial_probs.shape)
+        merged_shape, merged, _ = merge_invariant_axes(transitions, initial_probs.shape)
         outgoing = time_varying(merged)
         return cls(
             size=size,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float
-from ._ops import UNROLL, Transitions, apply_along_axis, at_step, backward_step
+from ._ops import UNROLL, Transitions, apply_along_axis, at_step, backward_step, merge_invariant_axes, split_pairwise
 
 
 def axes_by_kind(transitions: Transitions) -> tuple[list[int], list[int]]:
@@ -51,24 +50,14 @@ def backward_scan(
     return jax.lax.scan(_step, beta, (scaled, normalisers, incoming), reverse=True, unroll=UNROLL)
 
 
-def _contract_except(left: Array, right: Array, axis: int) -> Float[Array, "n n"]:
-    """sum over every axis but ``axis`` of left[..., a, ...] * right[..., b, ...] -> [a, b] (one fused reduction)."""
-    product = jnp.expand_dims(left, axis + 1) * jnp.expand_dims(right, axis)
-    return jnp.sum(product, axis=tuple(a for a in range(product.ndim) if a not in (axis, axis + 1)))
-
-
-def _step_pairwise(previous: Array, weighted: Array, matrices: Sequence[Array]) -> tuple[Array, ...]:
-    """xi^f_t for every factor f at one step: alpha_{t-1} moved forward along the factors before f,
-    r_t moved back along the factors after f, contracted over every other axis, times P^f_t."""
-    num = len(matrices)
-    forward = [previous]
-    for axis in range(num - 1):
-        forward.append(apply_along_axis(forward[-1], matrices[axis], axis))
-    backward = [weighted]
-    for axis in range(num - 1, 0, -1):
-        backward.append(apply_along_axis(backward[-1], matrices[axis], axis, transpose=True))
-    backward.reverse()
-    return tuple(matrices[f] * _contract_except(forward[f], backward[f], f) for f in range(num))
+def along_axis(messages: Float[Array, "L ..."], matrix: Array, axis: int, *, transpose: bool = False) -> Array:
+    """[L, *shape] messages with a [n, n] matrix, or one [n, n] matrix per step ([L, n, n]), applied along state
+    axis ``axis``: out[t, ..., j, ...] = sum_i messages[t, ..., i, ...] P[i, j] (P[j, i] with ``transpose``)."""
+    if matrix.ndim == 2:
+        return apply_along_axis(messages, matrix, axis + 1, transpose=transpose)
+    subscripts = "t...j,tij->t...i" if transpose else "t...i,tij->t...j"
+    moved = jnp.einsum(subscripts, jnp.moveaxis(messages, axis + 1, -1), matrix)
+    return jnp.moveaxis(moved, -1, axis + 1)
 
 
 def pairwise_marginals(
@@ -77,20 +66,40 @@ def pairwise_marginals(
 ) -> tuple[Float[Array, "L n n"], ...]:
     """Per step and factor, xi^f_t(a, b) = P(h^f_{t-1} = a, h^f_t = b | y), vectorised over L steps.
 
+    On the merged axes (``merge_invariant_axes``: fewer, larger factors): alpha_{t-1} moved forward along the
+    axes before f and r_t moved back along the axes after f, contracted over every other axis (one batched
+    matrix product), times P^f_t; then each merged axis is split into its members.
+
     Args:
         previous: [L, *shape] alpha_{t-1} (zero where t has no predecessor).
         weighted: [L, *shape] r_t.
         transitions: one matrix per axis; the time-varying ones are taken from ``incoming`` [L, n, n].
     """
-    return jax.vmap(lambda a, r, m: _step_pairwise(a, r, at_step(transitions, m)))(previous, weighted, incoming)
+    steps, shape = previous.shape[0], previous.shape[1:]
+    merged = merge_invariant_axes(transitions, shape)
+    matrices = at_step(merged.transitions, incoming)
+    num = len(matrices)
+    forward = [previous.reshape((steps,) + merged.shape)]
+    for axis in range(num - 1):
+        forward.append(along_axis(forward[-1], matrices[axis], axis))
+    backward = [weighted.reshape((steps,) + merged.shape)]
+    for axis in range(num - 1, 0, -1):
+        backward.append(along_axis(backward[-1], matrices[axis], axis, transpose=True))
+    backward.reverse()
+    pairwise = []
+    for axis, (left, right) in enumerate(zip(forward, backward, strict=True)):
+        left, right = (jnp.moveaxis(a, axis + 1, -1).reshape(steps, -1, merged.shape[axis]) for a in (left, right))
+        matrix = matrices[axis] if matrices[axis].ndim == 3 else matrices[axis][None]
+        xi = matrix * jnp.einsum("tri,trj->tij", left, right)
+        pairwise += split_pairwise(xi, merged.groups[axis], shape)
+    return tuple(pairwise)
 
 
 def moved_back_along_varying(weighted: Array, transitions: Transitions, incoming: tuple[Array, ...]) -> Array:
     """[L, *shape] r_t moved back along the time-varying axes by their per-step matrices."""
     messages = weighted
     for axis, per_step in zip(axes_by_kind(transitions)[0], incoming, strict=True):
-        moved = jnp.einsum("t...j,tij->t...i", jnp.moveaxis(messages, axis + 1, -1), per_step)
-        messages = jnp.moveaxis(moved, -1, axis + 1)
+        messages = along_axis(messages, per_step, axis, transpose=True)
     return messages
 
 
