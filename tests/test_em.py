@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_SPECS
 from helpers import random_natural
 from hmmlearn.hmm import GMMHMM
 from scipy import stats
@@ -15,37 +16,33 @@ from fhmv_jax.em import loop as loop_module
 from fhmv_jax.em.stats import LeverageStats
 from fhmv_jax.model.inputs import check_sequences
 
-VARIANTS = {
-    "markov-t-K2-N2": ModelSpec(num_features=3, num_regimes=2, num_chains=2, driver_feature=0),
-    "markov-gauss-K1-N1": ModelSpec(
-        num_features=3, num_regimes=2, num_chains=1, num_components=1, gaussian=True, driver_feature=0
-    ),
-    "predictable-mask": ModelSpec(
-        num_features=3, num_regimes=2, num_chains=1, leverage="predictable", num_leverage_lags=5, driver_feature=0,
-        scale_mask=(True, False, True),
-    ),
-    "none-N0-family": ModelSpec(
-        num_features=3, num_regimes=2, num_chains=0, num_jump_states=3, jump_mode="family", leverage="none"
-    ),
-    "none-untied-iid": ModelSpec(
-        num_features=3, num_regimes=2, num_chains=2, tied_persistence=False, jump_mode="iid", leverage="none",
-        num_components=1,
-    ),
-}
+LENGTHS = np.array([60, 53])
+"""The ragged batch of the monotonicity checks, shaped as tests/reference_numbers.py's EM batch so that both
+use the same compiled ECM programs."""
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+def _ragged_batch(spec, rng, truth, data):
+    """[2, 60, D] observations and a [2, 60] driver, of lengths ``LENGTHS``: sampled from ``truth`` or t noise."""
+    y = np.zeros((2, 60, spec.num_features))
+    x = rng.normal(scale=0.7, size=(2, 60))
+    for b, n in enumerate(LENGTHS):
+        if data == "sampled":
+            y[b, :n] = truth.sample(jax.random.key(b), int(n), x=jnp.asarray(x[b, :n])).observations
+        else:
+            y[b, :n] = rng.standard_t(5, size=(n, spec.num_features))
+    return y, x if spec.needs_driver else None
+
+
+@pytest.mark.parametrize("name", list(TINY_SPECS))
 @pytest.mark.parametrize("data", ["sampled", "random"])
 def test_log_likelihood_never_decreases(rng, name, data):
-    spec = VARIANTS[name]
+    spec = TINY_SPECS[name]
     truth = FHMV.from_natural_parameters(spec, **random_natural(spec, rng, separation=2.0))
-    if data == "sampled":
-        y = np.asarray(truth.sample(jax.random.key(0), 600).observations)
-    else:
-        y = rng.standard_t(5, size=(600, 3))
-    start = init_model(jax.random.key(1), spec, y)
+    y, x = _ragged_batch(spec, rng, truth, data)
+    start = init_model(jax.random.key(1), spec, y, x, lengths=LENGTHS)
     for prior in ((1e-2, 1e-2), (0.0, 0.0)):
-        result = fit_em(start, y, max_iters=8, tol=0.0, covariance_ridge=prior[0], covariance_prior_count=prior[1])
+        result = fit_em(start, y, x, lengths=LENGTHS, max_iters=8, tol=0.0, covariance_ridge=prior[0],
+                        covariance_prior_count=prior[1])
         assert result.num_iters == 8 and len(result.log_likelihoods) == 9
         assert np.all(np.diff(result.objectives) >= -1e-9 * np.abs(result.objectives[1:]))
         assert result.objectives[-1] > result.objectives[0]
@@ -129,7 +126,7 @@ def test_ragged_batch_with_nan_padding_equals_hmmlearn_with_lengths(rng):
 
 
 def test_batch_equals_sum_of_sequences(rng):
-    spec = VARIANTS["markov-t-K2-N2"]
+    spec = ModelSpec(num_features=3, num_regimes=2, num_chains=2, driver_feature=0)
     model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng, separation=2.0))
     ys = np.stack([np.asarray(model.sample(jax.random.key(i), 150).observations) for i in range(3)])
     stats = eqx.filter_jit(fhmv_jax.em.batch_e_step)(model, *check_sequences(spec, ys))

@@ -82,8 +82,8 @@ def newton_ascent(objective: Callable, start, num_steps: int = _NEWTON_STEPS, de
         def derivatives(v):
             return jax.grad(f)(v), jax.hessian(f)(v)
 
-    value = f(flat)
-    for _ in range(num_steps):
+    def _step(_, carry):
+        flat, value = carry
         grad, hess = derivatives(flat)
         eigvals, eigvecs = jnp.linalg.eigh(-0.5 * (hess + hess.T))
         floor = 1e-8 * jnp.maximum(1.0, jnp.max(jnp.abs(eigvals)))
@@ -93,8 +93,9 @@ def newton_ascent(objective: Callable, start, num_steps: int = _NEWTON_STEPS, de
         values = jnp.where(jnp.isfinite(values), values, -jnp.inf)
         best = jnp.argmax(values)
         improved = values[best] >= value
-        flat = jnp.where(improved, candidates[best], flat)
-        value = jnp.where(improved, values[best], value)
+        return jnp.where(improved, candidates[best], flat), jnp.where(improved, values[best], value)
+
+    flat, _ = jax.lax.fori_loop(0, num_steps, _step, (flat, f(flat)))
     return unravel(flat)
 
 
