@@ -157,18 +157,26 @@ class _Layout(NamedTuple):
         )
 
 
-def _forward_blocks(layout: _Layout, likelihoods: Likelihoods) -> tuple[Scalar, Array, Array]:
-    """(log-likelihood, filtered [N, L, *merged shape], normalisers [N, L]) block by block."""
+class _Forward(NamedTuple):
+    """The forward pass, block by block: log-likelihood, filtered [N, L, *merged shape], normalisers [N, L] and
+    the scaled likelihoods [N, L, *merged shape] (only kept when the backward pass reuses them)."""
 
+    log_likelihood: Scalar
+    filtered: Array
+    normalisers: Array
+    scaled: Array | None
+
+
+def _forward_blocks(layout: _Layout, likelihoods: Likelihoods, keep_likelihoods: bool = False) -> _Forward:
     def forward_block(predicted, rows):
         block_inputs, block_valid, outgoing = rows
         scaled, shift = _scaled_block(likelihoods, block_inputs, block_valid, layout.merged_shape)
         predicted, filtered, normalisers = forward_scan(predicted, layout.merged, scaled, outgoing)
-        return predicted, (filtered, normalisers, shift)
+        return predicted, (filtered, normalisers, shift, scaled if keep_likelihoods else None)
 
     rows = (layout.inputs, layout.valid, layout.outgoing)
-    _, (filtered, normalisers, shifts) = jax.lax.scan(forward_block, layout.initial, rows)
-    return jnp.sum(jnp.log(normalisers)) + jnp.sum(shifts), filtered, normalisers
+    _, (filtered, normalisers, shifts, scaled) = jax.lax.scan(forward_block, layout.initial, rows)
+    return _Forward(jnp.sum(jnp.log(normalisers)) + jnp.sum(shifts), filtered, normalisers, scaled)
 
 
 def forward_filter(
@@ -183,8 +191,9 @@ def forward_filter(
     """log p(y) and the filtered laws of every step (arguments as in ``forward_backward``); a caller that
     uses only the log-likelihood stores nothing per step (XLA drops the unused laws)."""
     layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps)
-    log_lik, filtered, _ = _forward_blocks(layout, likelihoods)
-    return FilterPosterior(log_lik, filtered.reshape((-1,) + initial_probs.shape)[: mask.shape[0]])
+    forward = _forward_blocks(layout, likelihoods)
+    filtered = forward.filtered.reshape((-1,) + initial_probs.shape)[: mask.shape[0]]
+    return FilterPosterior(forward.log_likelihood, filtered)
 
 
 def forward_backward(
@@ -197,6 +206,7 @@ def forward_backward(
     reduce: Reduction | None = None,
     collect: Reduction | None = None,
     block_steps: int | None = None,
+    keep_likelihoods: bool = False,
 ) -> Posterior:
     """The forward pass, then the backward pass block by block in reverse, handing each block's
     posterior to ``reduce`` (summed over blocks) and ``collect`` (stacked over steps).
@@ -210,6 +220,8 @@ def forward_backward(
         mask: [T] valid steps (a prefix of the sequence).
         reduce, collect: (block inputs, ``BlockPosterior``) -> a pytree.
         block_steps: at most this many steps per block (default ``default_block_steps``).
+        keep_likelihoods: store the forward pass's likelihoods for the backward pass (memory of one
+            more [T, S] array) instead of recomputing them block by block.
 
     Returns:
         ``Posterior``.
@@ -218,13 +230,15 @@ def forward_backward(
     num_steps = mask.shape[0]
     layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps)
     size, merged_shape = layout.size, layout.merged_shape
-    log_lik, filtered, normalisers = _forward_blocks(layout, likelihoods)
+    forward = _forward_blocks(layout, likelihoods, keep_likelihoods)
+    filtered = forward.filtered
     before = jnp.concatenate([jnp.zeros_like(filtered[:1, 0]), filtered[:-1, -1]])
     steps_shape = (size,) + (1,) * len(merged_shape)
 
     def posterior_of(rows, beta):
-        block_inputs, block_valid, incoming, alpha, alpha_before, block_normalisers = rows
-        scaled, _ = _scaled_block(likelihoods, block_inputs, block_valid, merged_shape)
+        block_inputs, block_valid, incoming, alpha, alpha_before, block_normalisers, scaled = rows
+        if scaled is None:
+            scaled, _ = _scaled_block(likelihoods, block_inputs, block_valid, merged_shape)
         beta, betas = backward_scan(beta, layout.merged, scaled, block_normalisers, incoming)
         valid = block_valid.reshape(steps_shape)
         weighted = scaled * betas / block_normalisers.reshape(steps_shape)
@@ -240,14 +254,14 @@ def forward_backward(
         steps = collect(rows[0], posterior) if collect else ()
         return (beta, jax.tree.map(jnp.add, totals, sums)), (posterior.smoothed[0], steps)
 
-    rows = (layout.inputs, layout.valid, layout.incoming, filtered, before, normalisers)
+    rows = (layout.inputs, layout.valid, layout.incoming, filtered, before, forward.normalisers, forward.scaled)
     first_rows = jax.tree.map(lambda a: a[0], rows)
     ones = jnp.ones(merged_shape, initial_probs.dtype)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                          jax.eval_shape(lambda r: reduce(r[0], posterior_of(r, ones)[1]), first_rows) if reduce else ())
     (_, sums), (firsts, steps) = jax.lax.scan(backward_block, (ones, zeros), rows, reverse=True)
     steps = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:num_steps], steps)
-    return Posterior(log_lik, firsts[0], sums, steps)
+    return Posterior(forward.log_likelihood, firsts[0], sums, steps)
 
 
 def smoother(
@@ -266,6 +280,6 @@ def smoother(
         return posterior.smoothed, pairwise
 
     posterior = forward_backward(initial_probs, transitions, likelihoods, inputs, mask, collect=collect,
-                                 block_steps=block_steps)
+                                 block_steps=block_steps, keep_likelihoods=True)
     smoothed, pairwise = posterior.steps
     return SmootherPosterior(posterior.log_likelihood, smoothed, tuple(p[1:] for p in pairwise))

@@ -22,7 +22,7 @@ from .params import AbstractBlock, as_array, check_interval, check_stochastic, l
 from .spec import ModelSpec
 
 STAY_START = 0.98
-"""Starting stay probability of every persistence chain (MODEL.md 6); also the Markov leverage's."""
+"""Starting stay probability of every persistence chain (MODEL.md 6)."""
 
 THETA_START = 0.5
 """Starting value of every decay theta (MODEL.md 6)."""
