@@ -59,18 +59,18 @@ def fit_em(
             Sigma = (S + ridge I) / (n + count) that keeps covariances positive definite.
         split_merge_rounds: after convergence, up to this many split-merge rounds (see
             ``split_merge``): every candidate (two regimes that switch between each other
-            most, or are most alike, merged; another split) runs ``split_merge_iters`` iterations
-            vmapped, and the best is continued
-            to convergence only if it ends above the current penalised log-likelihood; the
-            rounds stop at the first that finds no better candidate. Needs G >= 3.
+            most, or are most alike, merged; another split) runs ``split_merge_iters``
+            iterations vmapped, and the best is continued to convergence only if it ends above
+            the current penalised log-likelihood; the rounds stop at the first that finds no
+            better candidate. Needs G >= 3.
         callback: called with an ``IterationInfo`` after every iteration (e.g. to drive a progress bar).
         verbose: print a line per iteration (when no ``callback`` is given) and one per accepted
             split-merge move; the default is silent.
         block_steps: steps per block of the E-step's forward-backward pass (default: 2^17 / S
             rounded down to a power of two, measured best on CPU); any value gives the same result.
-        tuned_compilation: on CPU, compile the ECM step's elementwise fusions with YNNPACK (about 15%
-            faster, docs/benchmarks.md); ``False`` compiles with XLA's defaults, e.g. for a jaxlib
-            that rejects one of those fusions.
+        tuned_compilation: on CPU, compile the single-model ECM step's elementwise fusions with
+            YNNPACK (about 15% faster, docs/benchmarks.md); ``False`` compiles with XLA's defaults,
+            e.g. for a jaxlib that rejects one of those fusions.
 
     Returns:
         ``FitResult``.
