@@ -6,15 +6,17 @@ Usage:
     python experiments/benchmark.py em --steps 800 10000 100000
     python experiments/benchmark.py gmm --steps 10000 100000    # needs: pip install hmmlearn dynamax
     python experiments/benchmark.py stream --steps 1000 10000 100000
+    python experiments/benchmark.py published --chains 2 4 8 10 --steps 5000   # S&P 500 returns (needs arch)
 
-Every figure is the best of ``--repeats`` runs after compilation; compile time is
-measured separately with ahead-of-time lowering and compilation.
+Every figure is the best of ``--repeats`` runs after compilation (``published``: the median and
+the best); compile time is measured separately with ahead-of-time lowering and compilation.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import jax
@@ -24,6 +26,8 @@ import numpy as np
 import fhmv_jax
 from fhmv_jax import init_stream, stream_filter, stream_step
 from fhmv_jax.em import CovariancePrior, em_step, init_model
+from fhmv_jax.em.m_step import m_step
+from fhmv_jax.em.stats import batch_e_step
 from fhmv_jax.model import example_model
 from fhmv_jax.model.inputs import check_sequences
 
@@ -189,18 +193,106 @@ def run_stream(steps: list[int], repeats: int) -> list[str]:
     return rows
 
 
+def published_returns(num_steps: int) -> np.ndarray:
+    """[T, 1] daily S&P 500 log returns in percent (``arch``'s sp500, 1999-2018), the first ``num_steps``."""
+    from arch.data import sp500
+
+    prices = sp500.load()["Adj Close"].to_numpy()
+    returns = 100 * np.diff(np.log(prices))[:, None]
+    if num_steps > returns.shape[0]:
+        raise ValueError(f"the S&P 500 series has {returns.shape[0]} returns, fewer than --steps {num_steps}")
+    return returns[:num_steps]
+
+
+def published_spec(num_chains: int) -> fhmv_jax.ModelSpec:
+    """MODEL.md section 7: D = 1, G = 1, K = 1, Gaussian, tied p, N_M = N i.i.d. jump states, predictable leverage."""
+    return fhmv_jax.ModelSpec(num_features=1, num_regimes=1, num_chains=num_chains, num_jump_states=num_chains,
+                              num_components=1, leverage="predictable", jump_mode="iid", gaussian=True,
+                              driver_feature=0)
+
+
+def timed(fn, args, repeats: int) -> tuple[float, float, float]:
+    """(compile seconds, median and best seconds per call after a warm-up call) of ``jax.jit``-like ``fn``."""
+    begin = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_seconds = time.perf_counter() - begin
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compile_seconds, statistics.median(times), min(times)
+
+
+PUBLISHED_PARTS = ("em", "e", "m", "loglik")
+
+
+def run_published(chains: list[int], steps: list[int], repeats: int, parts: tuple[str, ...],
+                  plain: bool = False) -> list[str]:
+    """One ECM iteration (``em_step``, as ``fit_em`` runs it), its E-step and M-step alone, and
+    ``log_likelihood``, for the published model with N = ``chains`` (2^N N states) on S&P 500 returns.
+
+    The model is ``init_model``'s start. ``em_step`` compiles with ``fit_em``'s options (``fast_jit``; with
+    ``plain``, XLA's defaults as ``fit_em(tuned_compilation=False)``); the E-step (``batch_e_step``), M-step
+    (``m_step``) and log-likelihood with ``jax.jit``'s defaults.
+    """
+    prior = CovariancePrior(jnp.asarray(1e-2), jnp.asarray(1e-2))
+    header = "| N | states | T | part | compile (s) | median (s) | best (s) |"
+    rows = [header, "|---|---|---|---|---|---|---|"]
+    e_step_jit = jax.jit(batch_e_step, static_argnames=("block_steps",))
+    m_step_jit = jax.jit(m_step)
+    loglik_jit = jax.jit(lambda model, y, x: model.log_likelihood(y, x))
+    for T in steps:
+        y = published_returns(T)
+        for num_chains in chains:
+            spec = published_spec(num_chains)
+            model = init_model(jax.random.key(0), spec, y)
+            ys, xs, mask = check_sequences(spec, y)
+            for part in parts:
+                if part == "em":
+                    fn, args = em_step.plain if plain else em_step, (model, ys, xs, mask, prior)
+                elif part == "e":
+                    fn, args = e_step_jit, (model, ys, xs, mask)
+                elif part == "m":  # its statistics computed here, after the E-step's compilation was timed
+                    fn, args = m_step_jit, (model, e_step_jit(model, ys, xs, mask), prior)
+                else:
+                    fn, args = loglik_jit, (model, jnp.asarray(y), jnp.asarray(y[:, 0]))
+                try:
+                    compiled, median, best = timed(fn, args, repeats)
+                except Exception as error:  # e.g. an XLA:CPU fusion this jaxlib rejects: record it, go on
+                    rows.append(f"| {num_chains} | {spec.num_states} | {T} | {part} | failed: "
+                                f"{type(error).__name__}: {str(error).splitlines()[0][:80]} | | |")
+                    print(rows[-1], flush=True)
+                    continue
+                rows.append(f"| {num_chains} | {spec.num_states} | {T} | {part} | {compiled:.2f} | {median:.4f} "
+                            f"| {best:.4f} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm", "stream"])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm", "stream", "published"])
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="sequence lengths (default 1000 10000 100000; published: 5000)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chains", type=int, nargs="+", default=[2, 4, 8, 10], help="published: values of N")
+    parser.add_argument("--parts", nargs="+", default=list(PUBLISHED_PARTS), choices=PUBLISHED_PARTS,
+                        help="published: em (one ECM iteration), e (E-step), m (M-step), loglik")
+    parser.add_argument("--plain", action="store_true",
+                        help="published: compile em_step with XLA's defaults (fit_em(tuned_compilation=False))")
     args = parser.parse_args()
     fhmv_jax.enable_x64()
     print(
         f"# fhmv_jax {fhmv_jax.__version__}, jax {jax.__version__}, {jax.devices()[0].platform}, "
         f"{platform.processor() or platform.machine()}, float64={jnp.zeros(()).dtype == jnp.float64}"
     )
-    if args.which == "em":
+    if args.steps is None:
+        args.steps = [5000] if args.which == "published" else [1000, 10000, 100000]
+    if args.which == "published":
+        rows = run_published(args.chains, args.steps, args.repeats, tuple(args.parts), args.plain)
+    elif args.which == "em":
         rows = run_em(args.steps, args.repeats)
     elif args.which == "gmm":
         rows = run_gmm(args.steps, args.repeats)

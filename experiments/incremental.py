@@ -80,7 +80,7 @@ def replay(cfg: DictConfig, output_dir) -> list[dict]:
 def main(cfg: DictConfig) -> None:
     fhmv_jax.enable_x64()
     try:
-        cfg = schema.validate(cfg)
+        cfg = schema.validate(cfg, HydraConfig.get().overrides.task)
         if cfg.data.kind != "synthetic":
             raise ValueError("experiments/incremental.py replays the simulated market: use data=synthetic")
         replay(cfg, Path(HydraConfig.get().runtime.output_dir))

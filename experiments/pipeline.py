@@ -1,8 +1,9 @@
 """The main job's steps, shared by train.py and quick_test.py: config in, outputs on disk.
 
-Data flow: data (simulated or CSV) -> causal features -> split -> Standardizer (train rows)
--> init_model -> fit_em -> regime naming (Hungarian on train) -> metrics, oracle -> dashboard
--> save -> reload -> predict on test -> metrics.json.
+Data flow: data (simulated, CSV features or a daily returns CSV) -> causal features -> split
+-> Standardizer (train rows; or none, ``data.standardize=false``) -> init_model -> fit_em
+-> regime naming (Hungarian on train with labels, else the rule on fitted means, else unnamed)
+-> metrics, oracle (labels only) -> dashboard -> save -> reload -> predict on test -> metrics.json.
 """
 
 from __future__ import annotations
@@ -19,14 +20,24 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import fhmv_jax
-from fhmv_jax.data import FeatureTransform, Standardizer, load_csv, simulate_market
+from fhmv_jax.data import RETURN_FEATURE, FeatureTransform, Standardizer, load_csv, load_returns, simulate_market
 from fhmv_jax.em import IterationInfo
-from fhmv_jax.eval import align_to_labels, oracle_readout, predict_raw, predict_regimes, regime_scores
+from fhmv_jax.eval import (
+    align_to_labels,
+    name_by_rule,
+    oracle_readout,
+    predict_raw,
+    predict_regimes,
+    regime_means,
+    regime_scores,
+    volatility_scale,
+)
 from fhmv_jax.incremental import IncrementalTrainer, ModelRegistry, RetrainSettings, TriggerSettings
 
 MODEL_FILE = "fhmv_model.fhmv"
 DASHBOARD_FILE = "fhmv_training_results.png"
 METRICS_FILE = "metrics.json"
+UNNAMED = "regimes are unnamed: no labels and no naming rule for these features"
 
 
 class Dataset(NamedTuple):
@@ -39,6 +50,9 @@ class Dataset(NamedTuple):
         timestamps: [T] timestamps of the feature rows.
         feature_names: [D]; regime_names: [G_true] names of the true labels.
         transform: the causal feature transform.
+        level: [T] a price level (or cumulative return) at each feature row, for the dashboard, or None.
+        level_label: what ``level`` is.
+        notes: what the loader did to or found in the data (rows sorted, small gaps), one line each.
     """
 
     raw: np.ndarray
@@ -48,20 +62,46 @@ class Dataset(NamedTuple):
     feature_names: tuple[str, ...]
     regime_names: tuple[str, ...]
     transform: FeatureTransform
+    level: np.ndarray | None = None
+    level_label: str = ""
+    notes: tuple[str, ...] = ()
 
 
 def feature_transform(cfg: DictConfig, feature_names) -> FeatureTransform:
+    """The causal transform of ``cfg.data.features``; a ``null`` setting means none."""
     features = cfg.data.features
     return FeatureTransform(
         feature_names=tuple(feature_names),
-        log_return=tuple(features.log_return),
-        log1p=tuple(features.log1p),
-        ewma_spans=tuple((name, float(span)) for name, span in features.ewma_spans.items()),
+        log_return=tuple(features.log_return or ()),
+        log1p=tuple(features.log1p or ()),
+        ewma_spans=tuple((name, float(span)) for name, span in (features.ewma_spans or {}).items()),
     )
 
 
+def load_returns_dataset(cfg: DictConfig) -> Dataset:
+    """A daily returns CSV (``data.kind=returns``) as one feature ``r``, with a zero warm-up row ahead of it.
+
+    The warm-up row stands where every other data kind has its first raw row (dropped by the
+    causal transform), so no return is lost.
+    """
+    d = cfg.data
+    series = load_returns(d.path, date_column=d.date_column, price_column=d.price_column,
+                          return_column=d.return_column, sort_dates=d.sort_dates, max_gap_days=d.max_gap_days)
+    raw = np.concatenate([[0.0], series.returns])[:, None]
+    transform = feature_transform(cfg, (RETURN_FEATURE,))
+    features = transform.apply(raw).features
+    if series.prices is not None:
+        level, level_label = series.prices, d.price_column
+    else:
+        level, level_label = np.cumsum(series.returns), f"cumulative {d.return_column}"
+    return Dataset(raw, features, None, series.dates, (RETURN_FEATURE,), (), transform, level, level_label,
+                   series.notes)
+
+
 def load_dataset(cfg: DictConfig, key) -> Dataset:
-    """Simulate (``data.kind=synthetic``) or read (``csv``) the data and compute causal features."""
+    """Simulate (``data.kind=synthetic``) or read (``csv``, ``returns``) the data and compute causal features."""
+    if cfg.data.kind == "returns":
+        return load_returns_dataset(cfg)
     if cfg.data.kind == "synthetic":
         market = simulate_market(
             key,
@@ -83,8 +123,10 @@ def load_dataset(cfg: DictConfig, key) -> Dataset:
     transform = feature_transform(cfg, market.feature_names)
     features = transform.apply(market.features).features
     labels = None if market.regimes is None else np.asarray(market.regimes)[1:]
+    prices = transform.log_return   # the dashboard draws the first price level under the regimes
+    level = np.asarray(market.features)[1:, list(market.feature_names).index(prices[0])] if prices else None
     return Dataset(market.features, features, labels, market.timestamps[1:], tuple(market.feature_names),
-                   tuple(regime_names), transform)
+                   tuple(regime_names), transform, level, f"{prices[0]} (price level)" if prices else "")
 
 
 def model_spec(cfg: DictConfig, feature_names) -> fhmv_jax.ModelSpec:
@@ -114,6 +156,7 @@ def model_spec(cfg: DictConfig, feature_names) -> fhmv_jax.ModelSpec:
         scale_mask=scale_mask,
         driver_feature=None if m.driver is None else index(m.driver),
         dof_bounds=tuple(m.dof_bounds),
+        zero_mean=m.zero_mean,
     )
 
 
@@ -242,10 +285,15 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
     key_data, key_init, key_restarts = jax.random.split(jax.random.key(cfg.seed), 3)
 
     data = load_dataset(cfg, key_data)
+    for note in data.notes:
+        print(f"data: {note}", flush=True)
     spec = model_spec(cfg, data.feature_names)
     num_steps = data.features.shape[0]
     num_train = split_rows(num_steps, cfg.data.train_fraction, min_steps=2 * spec.num_regimes)
-    standardizer = Standardizer.fit(data.features[:num_train], feature_names=data.feature_names)
+    if cfg.data.standardize:
+        standardizer = Standardizer.fit(data.features[:num_train], feature_names=data.feature_names)
+    else:
+        standardizer = Standardizer.identity(len(data.feature_names), feature_names=data.feature_names)
     y = standardizer.transform(data.features)
     y_train, y_test = y[:num_train], y[num_train:]
     print(f"data: {num_steps} steps ({num_train} train / {num_steps - num_train} test), {spec.num_features} features;"
@@ -258,7 +306,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
 
     labels_train = None if data.labels is None else data.labels[:num_train]
     alignment, train_regimes = name_regimes(model, y_train, labels_train, data.regime_names)
-    names = alignment.names if alignment else tuple(f"R{g}" for g in range(spec.num_regimes))
+    means = standardizer.inverse_transform(regime_means(model))
+    names, naming = unlabelled_names(means, data.feature_names) if alignment is None else (alignment.names, "labels")
 
     model_path = output_dir / MODEL_FILE
     metadata = {
@@ -272,12 +321,16 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     fhmv_jax.save(model_path, model, **metadata)
+    written = [MODEL_FILE]
     before = predict_regimes(model, y_test, regime_names=names, ambiguity_threshold=cfg.eval.ambiguity_threshold)
     saved = fhmv_jax.load(model_path)
     prediction = predict_raw(saved, data.raw[num_train + 1 :], ambiguity_threshold=cfg.eval.ambiguity_threshold)
     check_reload(saved, y_test, before, prediction)
 
     metrics = {
+        "regime_naming": naming,
+        "regime_means": {name: dict(zip(data.feature_names, map(float, row), strict=True))
+                         for name, row in zip(names, means, strict=True)},
         "log_likelihoods": [float(v) for v in fit.log_likelihoods],
         "converged": fit.converged,
         "num_iters": fit.num_iters,
@@ -326,12 +379,65 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
                 dof=dof,
                 title=f"FHMV training results: {spec.num_states} joint states, seed {cfg.seed}",
             ))
+            written.append(DASHBOARD_FILE)
+    elif cfg.eval.dashboard:
+        unlabelled_dashboard(output_dir / DASHBOARD_FILE, cfg, data, model, fit, y, num_train, names, naming,
+                             means, prediction, metrics["factor_parameters"])
+        written.append(DASHBOARD_FILE)
     metrics["incremental"] = update_cycle(cfg, output_dir, model, metadata, y_train, y_test, data, num_train)
     metrics["total_seconds"] = time.perf_counter() - job_start
     _write_json(output_dir / METRICS_FILE, metrics)
     OmegaConf.save(cfg, output_dir / "config.yaml")
-    summarise(metrics, output_dir)
+    written += [METRICS_FILE, "config.yaml", "registry/"]
+    summarise(metrics, output_dir, written)
     return metrics
+
+
+def unlabelled_names(means, feature_names) -> tuple[tuple[str, ...], str]:
+    """Names of unlabelled regimes: the rule on fitted means (``name_by_rule``) where it applies, else R0, R1, ...
+
+    Returns:
+        (G names, how they were given: ``"rule"`` or ``"unnamed"``).
+    """
+    named = name_by_rule(means, feature_names)
+    if named is not None:
+        return named, "rule"
+    return tuple(f"R{g}" for g in range(len(means))), "unnamed"
+
+
+def unlabelled_dashboard(path: Path, cfg, data: Dataset, model, fit, y, num_train: int, names, naming: str, means,
+                         prediction, factors: dict) -> None:
+    """The dashboard of a run without labels: smoothed read-outs on the training rows, filtered on the rest."""
+    from fhmv_jax.eval.plots import RegimeDashboardData, regime_dashboard
+
+    y_train, y_test = y[:num_train], y[num_train:]
+    smoothed = predict_regimes(model, y_train, method="smooth")
+    has_factors = model.spec.num_volatility_states > 1 or model.spec.leverage != "none"
+    volatility = (np.concatenate([volatility_scale(model, y_train), volatility_scale(model, y_test, method="filter")])
+                  if has_factors else None)
+    naming_line = {"labels": "regimes named by their labels", "rule": "regimes named by the rule on fitted means"
+                   " (fhmv_jax.eval.regimes)", "unnamed": UNNAMED}[naming]
+    spec = model.spec
+    regime_dashboard(path, RegimeDashboardData(
+        log_likelihoods=fit.log_likelihoods,
+        split_merge_iterations=[move.iteration for move in fit.split_merges],
+        names=names,
+        naming=naming_line,
+        timestamps=data.timestamps,
+        num_train=num_train,
+        regimes=np.concatenate([smoothed.regimes, prediction.regimes]),
+        probabilities=np.concatenate([smoothed.probabilities, prediction.probabilities]),
+        volatility=volatility,
+        level=data.level,
+        level_label=data.level_label,
+        series=data.features[:, 0],
+        series_label=data.feature_names[0],
+        feature_names=data.feature_names,
+        means=means,
+        factor_parameters=factors,
+        title=f"FHMV fit ({cfg.data.kind} data, no labels): {spec.num_regimes} regime(s), {spec.num_states} joint"
+              f" states, seed {cfg.seed}",
+    ))
 
 
 def update_cycle(cfg, output_dir: Path, model, metadata: dict, y_train, y_test, data: Dataset, num_train: int):
@@ -359,8 +465,8 @@ def update_cycle(cfg, output_dir: Path, model, metadata: dict, y_train, y_test, 
     }
 
 
-def summarise(metrics: dict, output_dir: Path) -> None:
-    """The console summary."""
+def summarise(metrics: dict, output_dir: Path, written: list[str]) -> None:
+    """The console summary; ``written`` lists the outputs the run wrote."""
     train, test = metrics["train"], metrics["test"]
     moves = [f"regimes {m['merged'][0]}+{m['merged'][1]} merged, {m['split']} split" for m in metrics["split_merges"]]
     lines = [
@@ -381,5 +487,12 @@ def summarise(metrics: dict, output_dir: Path) -> None:
         lines.append(f"test recall per regime: {recall}")
     lines.append(f"regimes: {', '.join(metrics['regime_names'])};"
                  f" ambiguous test steps {test['ambiguous_fraction']:.1%}")
-    lines.append(f"outputs in {output_dir}: {MODEL_FILE}, {DASHBOARD_FILE}, {METRICS_FILE}, config.yaml")
+    if metrics["regime_naming"] == "unnamed":
+        lines.append(UNNAMED)
+    elif metrics["regime_naming"] == "rule":
+        lines.append("regimes named by the rule on fitted means (no labels; fhmv_jax.eval.regimes.name_by_rule)")
+    factors = metrics["factor_parameters"]
+    if factors:
+        lines.append("factor parameters: " + ", ".join(f"{name} {value:.4g}" for name, value in factors.items()))
+    lines.append(f"outputs in {output_dir}: {', '.join(written)}")
     print("\n".join(lines), flush=True)

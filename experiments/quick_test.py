@@ -54,7 +54,7 @@ def main(overrides: list[str]) -> int:
     start = time.perf_counter()
     schema.register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = schema.validate(compose("config", overrides=["experiment=tiny", *overrides]))
+        cfg = schema.validate(compose("config", overrides=["experiment=tiny", *overrides]), overrides)
     with tempfile.TemporaryDirectory(prefix="fhmv_quick_test_") as directory:
         metrics = pipeline.run(cfg, directory)
         problems = check_outputs(Path(directory), metrics)

@@ -2,14 +2,23 @@
 
 Every group file names its schema in its defaults list, so a key that is not declared
 here, or a value of the wrong type, fails at composition time, before any work starts.
+
+The group files (conf/) carry the values; a schema's defaults are only a fallback, and for
+feature settings they are empty, so that nothing a file or the command line removed comes
+back when ``validate`` merges the config into its schema. A dict given on the command line
+(``data.features.ewma_spans={}``) replaces the setting when ``validate`` is handed the
+overrides: Hydra itself merges a dict override into the file's dict, so ``{}`` would
+otherwise drop nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -19,11 +28,14 @@ from fhmv_jax.em.init import INIT_METHODS
 
 @dataclass
 class FeaturesConfig:
-    """Causal feature processing, then a Standardizer fitted on training rows only."""
+    """Causal feature processing (each setting ``null``, ``[]`` or ``{}`` for none).
 
-    log_return: list[str] = field(default_factory=lambda: ["P"])
-    log1p: list[str] = field(default_factory=lambda: ["LM", "SR", "Vol"])
-    ewma_spans: dict[str, float] = field(default_factory=lambda: {"Delta": 6.0})
+    No defaults here: the data group files carry the values.
+    """
+
+    log_return: list[str] | None = field(default_factory=list)
+    log1p: list[str] | None = field(default_factory=list)
+    ewma_spans: dict[str, float] | None = field(default_factory=dict)
 
 
 @dataclass
@@ -36,6 +48,7 @@ class SyntheticDataConfig:
     persistence: float = 0.85
     frequencies: list[float] = field(default_factory=lambda: list(DEFAULT_FREQUENCIES))
     start: str = "2023-01-01T00"
+    standardize: bool = True
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
@@ -50,6 +63,27 @@ class CsvDataConfig:
     regime_column: str | None = None
     regime_names: list[str] = field(default_factory=lambda: list(REGIME_NAMES))
     train_fraction: float = 0.8
+    standardize: bool = True
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+
+
+@dataclass
+class ReturnsDataConfig:
+    """A daily series from a CSV file: a date column and either a price or a return column.
+
+    Prices become percent log returns 100 diff(log p); a return column is used as it is.
+    The model sees one feature, ``r``.
+    """
+
+    kind: str = "returns"
+    path: str = MISSING
+    date_column: str = "date"
+    price_column: str | None = "price"
+    return_column: str | None = None
+    sort_dates: bool = True
+    max_gap_days: int | None = 5
+    train_fraction: float = 0.8
+    standardize: bool = False
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
@@ -64,6 +98,7 @@ class ModelConfig:
     leverage: str = "markov"
     num_leverage_lags: int = 70
     jump_mode: str = "markov"
+    zero_mean: bool = False
     tied_persistence: bool = True
     gaussian: bool = False
     driver: str | None = "P"
@@ -133,15 +168,45 @@ def register() -> None:
     store.store(name="config_schema", node=Config)
     store.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     store.store(group="data", name="csv_schema", node=CsvDataConfig)
+    store.store(group="data", name="returns_schema", node=ReturnsDataConfig)
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="train", name="train_schema", node=TrainConfig)
 
 
-_DATA_SCHEMAS = {"synthetic": SyntheticDataConfig, "csv": CsvDataConfig}
+_DATA_SCHEMAS = {"synthetic": SyntheticDataConfig, "csv": CsvDataConfig, "returns": ReturnsDataConfig}
 
 
-def validate(cfg: DictConfig) -> DictConfig:
+def dict_overrides(overrides: Sequence[str]) -> dict[str, dict]:
+    """The command-line overrides whose value is a dict (``key={...}``), by key; Hydra's own keys left out."""
+    found = {}
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.is_delete() or override.is_sweep_override() or override.key_or_group.startswith("hydra"):
+            continue
+        value = override.value()
+        if isinstance(value, dict):
+            found[override.key_or_group] = value
+    return found
+
+
+def _open_free_dicts(node: DictConfig) -> None:
+    """Let dict-typed settings (``ewma_spans``: names chosen by the user) take any key; dataclass nodes stay strict."""
+    for key in node:
+        child = None if OmegaConf.is_missing(node, key) else node[key]
+        if isinstance(child, DictConfig):
+            if OmegaConf.get_type(child) is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_free_dicts(child)
+
+
+def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
     """Check a composed config against the schemas, keys added with ``+`` included.
+
+    Args:
+        cfg: the composed config.
+        overrides: the command-line overrides it was composed with (``HydraConfig.get().overrides.task``
+            in an entry point). A dict value among them replaces the setting instead of being merged
+            into it, so ``data.features.ewma_spans={}`` leaves no EWMA feature.
 
     Returns:
         The config merged into its typed schema (read-only).
@@ -155,8 +220,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     schema = OmegaConf.structured(Config)
     schema.data = OmegaConf.structured(_DATA_SCHEMAS[kind])
     OmegaConf.set_struct(schema, True)
+    _open_free_dicts(schema)
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.to_container(cfg))
+        plain = OmegaConf.create(OmegaConf.to_container(cfg))
+        for key, value in dict_overrides(overrides).items():
+            OmegaConf.update(plain, key, value, merge=False)
+        merged = OmegaConf.merge(schema, OmegaConf.to_container(plain))
         OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
         raise ValueError(f"invalid configuration: {error}") from None

@@ -95,8 +95,14 @@ def _as_lists(value: Any) -> Any:
     return [_as_lists(v) for v in value] if isinstance(value, tuple) else value
 
 
+_LATER_FIELDS = {"zero_mean": False}
+"""Spec fields added after format 1 and their defaults: left out at the default, so files of models that do
+not use them are the bytes release 0.1.0 wrote."""
+
+
 def _spec_fields(spec: ModelSpec) -> dict:
-    return {f.name: _as_lists(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+    return {f.name: _as_lists(getattr(spec, f.name)) for f in dataclasses.fields(spec)
+            if _LATER_FIELDS.get(f.name, object()) != getattr(spec, f.name)}
 
 
 def _encode_params(model: FHMV) -> tuple[list[dict], bytes]:

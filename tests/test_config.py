@@ -13,7 +13,8 @@ from fhmv_jax.data import FEATURE_NAMES
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("data", "model", "train")}
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-REQUIRED = {"csv": ["data.path=market.csv"]}
+REQUIRED = {"csv": ["data.path=market.csv"], "returns": ["data.path=returns.csv"]}
+FEATURES = {"fhmv_paper": ("r",)}   # model options written for another data kind's features
 
 schema.register()
 
@@ -24,7 +25,8 @@ def _compose(overrides):
 
 
 def test_groups_and_experiments_exist():
-    assert GROUP_OPTIONS == {"data": ["csv", "synthetic"], "model": ["fhmv", "gmm_hmm"], "train": ["em", "quick"]}
+    assert GROUP_OPTIONS == {"data": ["csv", "returns", "synthetic"], "model": ["fhmv", "fhmv_paper", "gmm_hmm"],
+                             "train": ["em", "quick"]}
     assert {"long", "tiny", "gmm_baseline"} <= set(EXPERIMENTS)
 
 
@@ -41,8 +43,9 @@ def test_defaults_match_the_documented_values():
 def test_every_group_option_composes_into_a_spec(group, option):
     cfg = schema.validate(_compose([f"{group}={option}", *REQUIRED.get(option, [])]))
     assert cfg[group] is not None
-    spec = pipeline.model_spec(cfg, tuple(FEATURE_NAMES))
-    assert spec.num_features == len(FEATURE_NAMES)
+    features = FEATURES.get(option, tuple(FEATURE_NAMES))
+    spec = pipeline.model_spec(cfg, features)
+    assert spec.num_features == len(features)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -97,3 +100,50 @@ def test_split_rows_checks_both_parts():
         pipeline.split_rows(1000, 1.0, 12)
     with pytest.raises(ValueError, match="each part needs at least 12"):
         pipeline.split_rows(50, 0.9, 12)
+
+
+def _validated(overrides):
+    return schema.validate(_compose(overrides), overrides)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "csv"])
+@pytest.mark.parametrize("setting", ["data.features.ewma_spans={}", "data.features.ewma_spans=null"])
+def test_a_feature_setting_can_be_emptied_from_the_command_line(data, setting):
+    overrides = [f"data={data}", *REQUIRED.get(data, []), setting]
+    cfg = _validated(overrides)
+    transform = pipeline.feature_transform(cfg, tuple(FEATURE_NAMES))
+    assert transform.ewma_spans == () and transform.log_return == ("P",)
+    assert pipeline.feature_transform(_validated([f"data={data}", *REQUIRED.get(data, [])]),
+                                      tuple(FEATURE_NAMES)).ewma_spans == (("Delta", 6.0),)
+
+
+def test_list_and_dict_feature_settings_take_new_values():
+    cfg = _validated(["data.features.log1p=[]", "data.features.log_return=null",
+                      "++data.features.ewma_spans={Vol: 12}"])
+    transform = pipeline.feature_transform(cfg, tuple(FEATURE_NAMES))
+    assert transform.log1p == () and transform.log_return == () and transform.ewma_spans == (("Vol", 12.0),)
+    cfg = _validated(["data.features.ewma_spans.Delta=12"])
+    assert pipeline.feature_transform(cfg, tuple(FEATURE_NAMES)).ewma_spans == (("Delta", 12.0),)
+
+
+def test_a_dict_override_replaces_only_with_the_overrides_given():
+    composed = _compose(["data.features.ewma_spans={}"])
+    assert dict(schema.validate(composed).data.features.ewma_spans) == {"Delta": 6.0}   # Hydra merged it
+    assert dict(schema.validate(composed, ["data.features.ewma_spans={}"]).data.features.ewma_spans) == {}
+    assert schema.dict_overrides(["data=returns", "seed=3", "data.features.ewma_spans={}", "~eval"]) == {
+        "data.features.ewma_spans": {}
+    }
+
+
+def test_the_returns_data_and_the_published_model_compose():
+    cfg = _validated(["data=returns", "data.path=sp500.csv", "model=fhmv_paper"])
+    assert cfg.data.kind == "returns" and cfg.data.price_column == "price" and cfg.data.return_column is None
+    assert not cfg.data.standardize and cfg.model.zero_mean
+    spec = pipeline.model_spec(cfg, ("r",))
+    assert (spec.num_features, spec.num_regimes, spec.num_chains, spec.num_jump_states, spec.num_components) == (
+        1, 1, 2, 2, 1)
+    assert spec.gaussian and spec.tied_persistence and spec.jump_mode == "iid" and spec.leverage == "predictable"
+    assert spec.num_leverage_lags == 70 and spec.driver_feature == 0 and spec.num_states == 8
+    assert spec.zero_mean
+    with pytest.raises(ValueError, match="data.path"):
+        _validated(["data=returns"])

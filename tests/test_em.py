@@ -13,6 +13,7 @@ from scipy import stats
 import fhmv_jax
 from fhmv_jax import FHMV, ModelSpec, fit_em, init_model
 from fhmv_jax.em import loop as loop_module
+from fhmv_jax.em.fit import ConvergenceWarning
 from fhmv_jax.em.stats import LeverageStats
 from fhmv_jax.model.inputs import check_sequences
 
@@ -40,10 +41,12 @@ def test_log_likelihood_never_decreases(rng, name, data):
     truth = FHMV.from_natural_parameters(spec, **random_natural(spec, rng, separation=2.0))
     y, x = _ragged_batch(spec, rng, truth, data)
     start = init_model(jax.random.key(1), spec, y, x, lengths=LENGTHS)
-    for prior in ((1e-2, 1e-2), (0.0, 0.0)):
-        result = fit_em(start, y, x, lengths=LENGTHS, max_iters=8, tol=0.0, covariance_ridge=prior[0],
-                        covariance_prior_count=prior[1])
-        assert result.num_iters == 8 and len(result.log_likelihoods) == 9
+    for prior, acceleration in (((1e-2, 1e-2), None), ((0.0, 0.0), "squarem")):
+        with pytest.warns(ConvergenceWarning):
+            result = fit_em(start, y, x, lengths=LENGTHS, max_iters=8, tol=0.0, covariance_ridge=prior[0],
+                            covariance_prior_count=prior[1], acceleration=acceleration)
+        assert len(result.log_likelihoods) == result.num_iters + 1 and not result.converged
+        assert result.num_iters == 8 if acceleration is None else result.num_iters <= 8
         assert np.all(np.diff(result.objectives) >= -1e-9 * np.abs(result.objectives[1:]))
         assert result.objectives[-1] > result.objectives[0]
         if prior == (0.0, 0.0):
@@ -166,8 +169,8 @@ def test_a_decreasing_step_raises(rng, monkeypatch):
     original = loop_module.m_step
 
     def harmful(*args):
-        model = original(*args)
-        return eqx.tree_at(lambda m: m.emission.means, model, model.emission.means + 3.0)
+        model, stalled = original(*args)
+        return eqx.tree_at(lambda m: m.emission.means, model, model.emission.means + 3.0), stalled
 
     monkeypatch.setattr(loop_module, "m_step", harmful)
     y = rng.normal(size=(41, 2))

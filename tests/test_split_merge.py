@@ -107,7 +107,9 @@ def test_split_merge_leaves_the_bimodal_local_optimum():
     assert accuracy(plain) < 0.8 and plain.objectives[-1] < reference.objectives[-1] - 100
     move = repaired.split_merges[0]
     assert move.objective_after > move.objective_before
-    assert repaired.objectives[-1] >= reference.objectives[-1] - 1e-6 * abs(reference.objectives[-1])
+    # both stop at tol = 1e-4 (0.15 nats per iteration at T = 1500) while EM still creeps along the bimodal
+    # regime's components: level to a couple of nats, against the > 100 nats of the trapped fit
+    assert repaired.objectives[-1] >= reference.objectives[-1] - 2.0
     assert accuracy(repaired) > 0.97
     assert len(repaired.log_likelihoods) == repaired.num_iters + 1 + len(repaired.split_merges)
     move = repaired.split_merges[0]

@@ -231,6 +231,14 @@ class Standardizer(NamedTuple):
             raise ValueError(f"constant column(s) in the training data cannot be standardised: {', '.join(labels)}")
         return cls(mean, scale, names)
 
+    @classmethod
+    def identity(cls, num_features: int, feature_names: Sequence[str] = ()) -> Standardizer:
+        """The Standardizer that leaves data as it is (mean 0, scale 1): for data kept in its own units."""
+        names = tuple(feature_names)
+        if names and len(names) != num_features:
+            raise ValueError(f"{len(names)} feature names for {num_features} columns")
+        return cls(np.zeros(num_features), np.ones(num_features), names)
+
     def _check(self, y) -> np.ndarray:
         y = np.asarray(y, dtype=np.float64)
         if y.shape[-1] != self.mean.shape[0]:

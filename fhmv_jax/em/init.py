@@ -207,7 +207,8 @@ def _partition_start(key: PRNGKeyArray, spec: ModelSpec, points: Array, regime_o
 
     natural = {name: value for slot, block in block_classes(spec).items() if block is not None and slot != "emission"
                for name, value in block.start(spec).items()}
-    natural |= {"weights": np.full((G, K), 1 / K), "means": np.asarray(centres)}
+    means = np.zeros((G, K, D)) if spec.zero_mean else np.asarray(centres)
+    natural |= {"weights": np.full((G, K), 1 / K), "means": means}
     if not spec.gaussian:
         natural["dof"] = np.full((G, K), 10.0)
     covariances = covariances.reshape(G, K, D, D)

@@ -19,15 +19,18 @@ from .stats import batch_e_step
 
 
 class StepInfo(NamedTuple):
-    """What one EM step saw of the model it started from.
+    """What one EM step saw of the model it started from, and how its iterative updates ended.
 
     Attributes:
         log_likelihood: log p(y) summed over sequences.
         log_prior: the covariance penalty; EM never lowers ``log_likelihood + log_prior``.
+        stalled: {parameter names: whether that block's ``newton_ascent`` stalled} (``m_step``);
+            empty for an evaluation without an update.
     """
 
     log_likelihood: Scalar
     log_prior: Scalar
+    stalled: dict[str, Array] = {}
 
 
 class FitResult(NamedTuple):
@@ -35,9 +38,10 @@ class FitResult(NamedTuple):
 
     Attributes:
         model: the fitted model (the best restart).
-        log_likelihoods: [num_iters + 1] log p(y) after 0, 1, ..., num_iters EM iterations.
-        converged: whether the gain in mean per-step log-likelihood fell below ``tol``.
-        num_iters: EM iterations run.
+        log_likelihoods: [num_iters + 1] log p(y) at the start and after every recorded iteration.
+        converged: whether the gain in mean per-step log-likelihood fell below ``tol`` with no
+            stalled update and no larger ``remaining_gain``.
+        num_iters: iterations recorded (len(log_likelihoods) - 1): ECM steps and kept extrapolations.
         objectives: [num_iters + 1] log-likelihood plus covariance log-prior (never decreases).
         restart_log_likelihoods: [R] final log-likelihood of every restart.
         restart_objectives: [R] final penalised log-likelihood of every restart (the best wins).
@@ -45,6 +49,13 @@ class FitResult(NamedTuple):
             order. The histories then hold num_iters + 1 + len(split_merges) entries: after the
             entry at a move's ``iteration`` comes the candidate's starting value, then
             its iterations; they never decrease between those points.
+        stalled: the parameters whose iterative update (``m_step.newton_ascent``) stalled in the
+            iteration that produced ``model``; a fit with any is not converged.
+        score: the gradient of the penalised log-likelihood with respect to each unconstrained array
+            (``model.raw_arrays()``, unused ones left out) at ``model``; zero at a maximum
+            (``convergence.check_score``).
+        score_norm: the norm of ``score``.
+        remaining_gain: the gain per step a Newton step would still make (``convergence.ScoreCheck``).
     """
 
     model: FHMV
@@ -55,6 +66,10 @@ class FitResult(NamedTuple):
     restart_log_likelihoods: np.ndarray
     restart_objectives: np.ndarray
     split_merges: tuple = ()
+    stalled: tuple[str, ...] = ()
+    score: dict[str, np.ndarray] | None = None
+    score_norm: float = float("nan")
+    remaining_gain: float = float("nan")
 
 
 class IterationInfo(NamedTuple):
@@ -90,8 +105,8 @@ def _em_step(
         (new model, ``StepInfo`` of the input model).
     """
     stats = batch_e_step(model, y, x, mask, block_steps=block_steps)
-    info = StepInfo(jnp.sum(stats.log_likelihood), log_prior(model.emission, prior))
-    return m_step(model, stats, prior), info
+    updated, stalled = m_step(model, stats, prior)
+    return updated, StepInfo(jnp.sum(stats.log_likelihood), log_prior(model.emission, prior), stalled)
 
 
 def _has_volatility_states(model: FHMV, *args, **kwargs) -> bool:
@@ -103,17 +118,18 @@ em_step = fast_jit(_em_step, _has_volatility_states)
 _em_step_restarts = eqx.filter_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None, None)))
 
 
-def _objective(
+def batch_objective(
     model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None
 ) -> StepInfo:
+    """The log-likelihood of padded sequences [B, T, D] and the covariance log-prior (no update)."""
     def sequence(yb, xb, mb):
         return sequence_log_likelihood(model, yb, xb, mb, block_steps=block_steps)
 
     return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.emission, prior))
 
 
-_objective_single = fast_jit(_objective, _has_volatility_states)
-_objective_restarts = eqx.filter_jit(eqx.filter_vmap(_objective, in_axes=(0, None, None, None, None, None)))
+_objective_single = fast_jit(batch_objective, _has_volatility_states)
+_objective_restarts = eqx.filter_jit(eqx.filter_vmap(batch_objective, in_axes=(0, None, None, None, None, None)))
 """The restarts' programs compile with XLA's defaults: it rejects YNNPACK fusions of some of their layouts."""
 
 
@@ -127,6 +143,50 @@ def _decrease_tolerance(objective: np.ndarray, dtype) -> np.ndarray:
     return relative * np.abs(objective) + relative
 
 
+def _select(flags: np.ndarray, chosen: FHMV, other: FHMV, stacked: bool) -> FHMV:
+    """Per restart, ``chosen`` where ``flags`` holds, else ``other``."""
+    if not stacked:
+        return chosen if bool(flags[0]) else other
+    flags = jnp.asarray(flags)
+    return jax.tree.map(lambda a, b: jnp.where(flags.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), chosen, other)
+
+
+def _select_flags(kept: np.ndarray, chosen: dict, other: dict) -> dict[str, np.ndarray]:
+    """Per restart, the stall flags of ``chosen`` where ``kept`` holds, else those of ``other``."""
+    return {name: np.where(kept, np.asarray(chosen[name]), np.asarray(other[name])) for name in chosen}
+
+
+def squarem_point(cycle: list[FHMV], max_length: float, stacked: bool) -> tuple[FHMV, np.ndarray]:
+    """The SQUAREM extrapolation (Varadhan & Roland 2008, scheme S3) from three EM iterates theta_0..2.
+
+    With r = theta_1 - theta_0 and v = theta_2 - 2 theta_1 + theta_0 (unconstrained coordinates),
+    theta' = theta_0 - 2 alpha r + alpha^2 v, alpha = -max(1, min(|r| / |v|, ``max_length``)); alpha = -1 gives
+    theta_2 itself.
+
+    Returns:
+        (theta', [R] -alpha per restart).
+    """
+    first, second, third = cycle
+    r = jax.tree.map(jnp.subtract, second, first)
+    v = jax.tree.map(lambda a, b, c: c - 2 * b + a, first, second, third)
+
+    def squared_norm(tree):
+        return sum(jnp.sum(leaf**2, axis=tuple(range(int(stacked), leaf.ndim))) for leaf in jax.tree.leaves(tree))
+
+    ratio = jnp.sqrt(squared_norm(r) / squared_norm(v))
+    length = jnp.clip(jnp.where(jnp.isfinite(ratio), ratio, 1.0), 1.0, max_length)
+
+    def extrapolated(a, dr, dv):
+        alpha = length.reshape((-1,) + (1,) * (a.ndim - 1)) if stacked else length
+        return a + 2 * alpha * dr + alpha**2 * dv
+
+    return jax.tree.map(extrapolated, first, r, v), np.atleast_1d(np.asarray(length))
+
+
+_SQUAREM_GROWTH = 4.0
+ACCELERATIONS = ("squarem", None)
+
+
 def run_em(
     model: FHMV,
     y: Array,
@@ -138,24 +198,37 @@ def run_em(
     tol: float,
     callback: Callable[[IterationInfo], None] | None,
     stacked: bool = False,
+    acceleration: str | None = "squarem",
     block_steps: int | None = None,
     tuned_compilation: bool = True,
 ) -> FitResult:
     """The ECM iterations on checked, padded sequences, until the gain per step is below ``tol``.
+
+    With ``acceleration="squarem"`` every cycle runs two ECM steps theta_0 -> theta_1 -> theta_2, then one
+    from the extrapolated ``squarem_point`` theta'. theta' is kept (and its ECM step continues from it) only if
+    its penalised log-likelihood is at least theta_1's; otherwise the cycle continues from theta_2. Each kept
+    point is recorded, so the history never decreases; every recorded gain but the one onto theta' is a
+    plain ECM step's, and convergence is judged on those. The longest extrapolation starts at 1 (theta_2
+    itself), grows fourfold each time it is reached and kept, and shrinks fourfold on a rejection.
 
     Args:
         model: the start, or with ``stacked`` a stack of starts (leading axis on every
             parameter) run vmapped, of which the best final objective is returned.
         y: [B, T, D] (padding zeroed); x: [B, T] or None; mask: [B, T] valid steps.
         prior: the covariance prior.
-        max_iters, tol, callback, block_steps, tuned_compilation: as in ``fit_em``.
+        max_iters: the most ECM steps (E-step and M-step each), rejected extrapolations included.
+        acceleration: ``"squarem"`` or ``None`` (plain ECM).
+        tol, callback, block_steps, tuned_compilation: as in ``fit_em``.
 
     Returns:
         ``FitResult`` of the best start.
 
     Raises:
+        ValueError: an unknown ``acceleration``.
         RuntimeError: the penalised log-likelihood decreased beyond rounding (a bug).
     """
+    if acceleration not in ACCELERATIONS:
+        raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
     dtype = model.dtype
     num_steps = int(mask.sum())
     if stacked:
@@ -164,38 +237,69 @@ def run_em(
         step, evaluate = (em_step, _objective_single) if tuned_compilation else (em_step.plain, _objective_single.plain)
     log_liks, objectives = [], []
     converged = False
+    cycle, flags = [model], [{}]
+    max_length, length = 1.0, None
     start = time.perf_counter()
-    for iteration in range(max_iters + 1):
-        if iteration < max_iters:
+    for call in range(max_iters + 1):
+        if call < max_iters:
             new_model, info = step(model, y, x, mask, prior, block_steps)
         else:
             info = evaluate(model, y, x, mask, prior, block_steps)
         log_lik = np.atleast_1d(np.asarray(info.log_likelihood, np.float64))
         objective = log_lik + np.atleast_1d(np.asarray(info.log_prior, np.float64))
-        if objectives:
+        extrapolated = len(cycle) == 3
+        if extrapolated:
+            kept = objective >= objectives[-1]
+            log_lik, objective = np.where(kept, log_lik, log_liks[-1]), np.where(kept, objective, objectives[-1])
+            if not np.all(kept):
+                max_length = max(1.0, max_length / _SQUAREM_GROWTH)
+            elif np.any(length >= max_length):
+                max_length *= _SQUAREM_GROWTH
+        elif objectives:
             drop = objectives[-1] - objective
             if np.any(drop > _decrease_tolerance(objective, dtype)):
                 worst = int(np.argmax(drop))
                 raise RuntimeError(
-                    f"EM decreased the penalised log-likelihood by {drop[worst]:.3e} at iteration {iteration}"
+                    f"EM decreased the penalised log-likelihood by {drop[worst]:.3e} at ECM step {call}"
                     f" (restart {worst}): an ECM step is not monotone"
                 )
-        log_liks.append(log_lik)
-        objectives.append(objective)
-        gain = (objective - objectives[-2]) / num_steps if len(objectives) > 1 else np.full_like(objective, np.inf)
-        if callback is not None:
-            now = time.perf_counter()
-            leader = int(np.argmax(log_lik))
-            callback(IterationInfo(iteration, float(log_lik[leader]), float(gain[leader]), now - start, len(log_lik)))
-            start = now
-        converged = bool(np.all(gain < tol))
-        if iteration == max_iters or converged:
+        if not extrapolated or np.any(kept):
+            log_liks.append(log_lik)
+            objectives.append(objective)
+            gain = (objective - objectives[-2]) / num_steps if len(objectives) > 1 else np.full_like(objective, np.inf)
+            if callback is not None:
+                now = time.perf_counter()
+                leader = int(np.argmax(log_lik))
+                callback(IterationInfo(len(objectives) - 1, float(log_lik[leader]), float(gain[leader]), now - start,
+                                       len(log_lik)))
+                start = now
+            converged = not extrapolated and bool(np.all(gain < tol))
+        if extrapolated and call == max_iters:
+            model, stalled = _select(kept, model, cycle[1], stacked), _select_flags(kept, flags[2], flags[1])
             break
+        if converged or call == max_iters:
+            stalled = flags[-1]
+            break
+        if extrapolated:
+            model = _select(kept, new_model, cycle[2], stacked)
+            cycle, flags = [model], [_select_flags(kept, info.stalled, flags[2])]
+            continue
         model = new_model
+        if acceleration is None:
+            cycle, flags = [model], [info.stalled]
+            continue
+        cycle.append(new_model)
+        flags.append(info.stalled)
+        if len(cycle) == 3:
+            model, length = squarem_point(cycle, max_length, stacked)
+            if np.all(length <= 1.0):
+                model, cycle, flags = cycle[2], [cycle[2]], [flags[2]]
+                max_length *= _SQUAREM_GROWTH
 
     log_liks, objectives = np.stack(log_liks), np.stack(objectives)
     best = int(np.argmax(objectives[-1]))
     if stacked:
         model = jax.tree.map(lambda leaf: leaf[best], model)
-    return FitResult(model, log_liks[:, best], converged, len(log_liks) - 1, objectives[:, best], log_liks[-1],
-                     objectives[-1])
+    stalled = tuple(name for name, flags in stalled.items() if np.atleast_1d(np.asarray(flags))[best])
+    return FitResult(model, log_liks[:, best], converged and not stalled, len(log_liks) - 1, objectives[:, best],
+                     log_liks[-1], objectives[-1], stalled=stalled)

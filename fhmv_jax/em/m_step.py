@@ -5,13 +5,13 @@ complete-data log-likelihood Q (plus the covariance prior), so the penalised
 log-likelihood never decreases:
 
 1. regime, persistence: closed form from the expected counts;
-2. jump chain: Newton ascent on the expected transition counts plus the stationary
+2. jump chain: ``newton_ascent`` on the expected transition counts plus the stationary
    initial law (closed form would ignore that term);
 3. weights, means, covariances (with an inverse-Wishart ridge) given the current scales,
    then degrees of freedom by bisection on log nu;
 4. volatility magnitudes (c_1, theta_c, m_1, theta_m, l_1, theta_l) given the new means
-   and covariances, and the Markov-leverage logits: Newton ascent whose steps are accepted
-   only when the objective does not fall.
+   and covariances, and the Markov-leverage logits: ``newton_ascent``, damped Newton steps in a
+   trust region that rise whenever the gradient is not zero, to the maximiser within rounding.
 """
 
 from __future__ import annotations
@@ -22,15 +22,14 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.scipy.special import digamma, xlogy
 
-from .._types import Array, Float
+from .._types import Array, Bool, Float
 from ..model import emissions
 from ..model.emissions import StudentTMixture
 from ..model.factors import JumpChain, MarkovLeverage, PersistenceChains, RegimeChain, jump_stationary_law
-from ..model.fhmv import FHMV, initial_shocks, log_scales, volatility_log_scales
+from ..model.fhmv import FHMV, initial_shocks, volatility_log_scales
 from ..model.params import logit, safe_log
 from .stats import (
     ComponentStats,
@@ -42,9 +41,12 @@ from .stats import (
     scale_exponents,
 )
 
-_NEWTON_STEPS = 3
-_STEP_SIZES = 0.5 ** np.arange(5)
+_MAX_ASCENT_STEPS = 60
+_MIN_DAMPING, _MAX_DAMPING = 1e-12, 1e4
+_TRUST_RADIUS = 3.0
+_ROUNDING = 1e3
 _BISECTION_STEPS = 64
+
 
 
 class CovariancePrior(NamedTuple):
@@ -58,45 +60,98 @@ class CovariancePrior(NamedTuple):
     count: float | Array = 1e-2
 
 
-def newton_ascent(objective: Callable, start, num_steps: int = _NEWTON_STEPS, derivatives: Callable | None = None):
-    """Maximise ``objective`` over a small pytree by damped Newton steps with a line search.
+class Ascent(NamedTuple):
+    """Outcome of ``newton_ascent``.
 
-    Each step moves along -(H)^{-1} g (eigenvalues of -H floored to keep it an ascent
-    direction), tries step sizes 1, 1/2, ..., 1/16 and keeps the best only if it does not
-    lower the objective, so the result is never worse than ``start``.
+    Attributes:
+        params: the maximiser found (never worse than the start).
+        stalled: no damped step raised the objective while the predicted Newton gain was above
+            rounding: the update stopped short of a maximum (a bug to report, never silent).
+        gradient_norm: the gradient's norm at the last point where derivatives were taken.
+    """
+
+    params: object
+    stalled: Bool[Array, ""]
+    gradient_norm: Float[Array, ""]
+
+
+def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS,
+                  derivatives: Callable | None = None) -> Ascent:
+    """Maximise ``objective`` over a small pytree (unconstrained coordinates) by Levenberg-Marquardt steps
+    in a trust region, until the predicted gain is below rounding.
+
+    With the gradient g and the eigen-decomposition -H = V diag(lambda) V^T, a step is
+    d(mu) = V (V^T g / (lambda + mu)), mu = max(0, -lambda_min) + c * scale (scale the largest |lambda|),
+    shortened to the trust radius. It is kept if it raises the objective, and c falls tenfold (to 1e-12:
+    Newton's step where -H is positive definite); otherwise c grows tenfold and the step is tried again
+    from the same derivatives. Since d(mu) -> g / mu as mu grows, some c gives a rise whenever g is not
+    zero and the objective is smooth, so the ascent cannot stall on an indefinite Hessian or on a step that
+    leaves the domain (non-finite values count as -inf). It stops when Newton's predicted gain
+    0.5 g^T (-H + mu_0)^{-1} g is below 1e3 eps (1 + |f|), after taking that last step (kept unless it
+    lowers the objective beyond that rounding), so the result is the maximiser to rounding, not the
+    accident of a step count; or when c passes 1e4 without a rise (``stalled``); or after ``max_steps``
+    trials.
 
     Args:
         objective: pytree -> scalar.
         start: the starting pytree.
-        num_steps: Newton steps.
+        max_steps: the most trial steps.
         derivatives: optional flat vector -> (gradient, Hessian) in closed form; by default
             ``jax.grad`` and ``jax.hessian`` of the objective.
     """
     flat, unravel = ravel_pytree(start)
+    dtype = flat.dtype
+    tiny, rounding = jnp.finfo(dtype).tiny, _ROUNDING * jnp.finfo(dtype).eps
 
     def f(v):
-        return objective(unravel(v))
+        value = objective(unravel(v))
+        return jnp.where(jnp.isfinite(value), value, -jnp.inf)
 
     if derivatives is None:
 
         def derivatives(v):
             return jax.grad(f)(v), jax.hessian(f)(v)
 
-    def _step(_, carry):
-        flat, value = carry
-        grad, hess = derivatives(flat)
+    def local_model(v):
+        grad, hess = derivatives(v)
         eigvals, eigvecs = jnp.linalg.eigh(-0.5 * (hess + hess.T))
-        floor = 1e-8 * jnp.maximum(1.0, jnp.max(jnp.abs(eigvals)))
-        direction = eigvecs @ ((eigvecs.T @ grad) / jnp.maximum(eigvals, floor))
-        candidates = flat[None, :] + _STEP_SIZES[:, None].astype(flat.dtype) * direction[None, :]
-        values = jax.vmap(f)(candidates)
-        values = jnp.where(jnp.isfinite(values), values, -jnp.inf)
-        best = jnp.argmax(values)
-        improved = values[best] >= value
-        return jnp.where(improved, candidates[best], flat), jnp.where(improved, values[best], value)
+        return _LocalModel(grad, eigvals, eigvecs)
 
-    flat, _ = jax.lax.fori_loop(0, num_steps, _step, (flat, f(flat)))
-    return unravel(flat)
+    def _trial(carry):
+        flat, value, local, damping, _, _, step = carry
+        coefficients = local.eigvecs.T @ local.grad
+        norm = jnp.linalg.norm(local.grad)
+        scale = jnp.maximum(jnp.maximum(jnp.max(jnp.abs(local.eigvals)), norm / _TRUST_RADIUS), tiny)
+        shift = jnp.maximum(0.0, -local.eigvals[0])
+        trial = local.eigvecs @ (coefficients / (local.eigvals + shift + damping * scale))
+        trial = trial * jnp.minimum(1.0, _TRUST_RADIUS / jnp.maximum(jnp.linalg.norm(trial), tiny))
+        candidate = f(flat + trial)
+        tolerance = rounding * (1 + jnp.abs(value))
+        settled = 0.5 * jnp.sum(coefficients**2 / (local.eigvals + shift + _MIN_DAMPING * scale)) <= tolerance
+        gain = candidate - value
+        accept = (gain > 0) | (settled & (gain >= -tolerance))
+        flat = jnp.where(accept, flat + trial, flat)
+        value = jnp.where(accept, candidate, value)
+        local = jax.lax.cond(accept & ~settled, local_model, lambda _: local, flat)
+        damping = jnp.where(accept, jnp.maximum(damping / 10, _MIN_DAMPING), damping * 10)
+        stalled = ~accept & (damping > _MAX_DAMPING)
+        return flat, value, local, damping, (accept & settled) | stalled, stalled, step + 1
+
+    def _running(carry):
+        return ~carry[4] & (carry[6] < max_steps)
+
+    initial = (flat, f(flat), local_model(flat), jnp.asarray(_MIN_DAMPING, dtype), jnp.array(False),
+               jnp.array(False), 0)
+    flat, _, local, _, _, stalled, _ = jax.lax.while_loop(_running, _trial, initial)
+    return Ascent(unravel(flat), stalled, jnp.linalg.norm(local.grad))
+
+
+class _LocalModel(NamedTuple):
+    """The gradient and the eigen-decomposition of -H at the current point of ``newton_ascent``."""
+
+    grad: Array
+    eigvals: Array
+    eigvecs: Array
 
 
 def _normalised_rows(counts: Array, fallback: Array) -> Array:
@@ -123,14 +178,15 @@ def persistence_update(chains: PersistenceChains, counts: tuple[Array, ...]) -> 
     return chains.replace(persistence_raw=logit(p))
 
 
-def jump_update(jump: JumpChain, initial: Array, counts: Array) -> JumpChain:
+def jump_update(jump: JumpChain, initial: Array, counts: Array) -> tuple[JumpChain, Ascent]:
     """Maximise sum_ij n_ij log P_ij + sum_j gamma^J_1(j) log pi^J_j over the jump chain's transition parameters."""
 
     def objective(values):
         matrix = jump.replace(**values).transition()
         return jnp.sum(xlogy(counts, matrix)) + jnp.sum(xlogy(initial, jump_stationary_law(matrix)))
 
-    return jump.replace(**newton_ascent(objective, jump.present(JumpChain.transition_fields)))
+    ascent = newton_ascent(objective, jump.present(JumpChain.transition_fields))
+    return jump.replace(**ascent.params), ascent
 
 
 def solve_dof(mean_terms: Array, low: float, high: float) -> Array:
@@ -160,7 +216,7 @@ def emission_update(mixture: StudentTMixture, stats: ComponentStats, prior: Cova
     Moments are about the current means mu_0; with Lambda_t = diag(s_t^{a/2}) the mean solves
     (Sigma^{-1} * sum_e P_e n_e) (mu - mu_0) = sum_e (Sigma^{-1} * P_e) m_e, which is
     mu = mu_0 + m_1 / n_1 without a scale mask; then
-    Sigma = (sum_e P_e * S_e(mu) + ridge * I) / (n + count).
+    Sigma = (sum_e P_e * S_e(mu) + ridge * I) / (n + count). With ``zero_mean`` the means stay at zero.
     """
     dtype = mixture.means.dtype
     D = mixture.num_features
@@ -176,7 +232,8 @@ def emission_update(mixture: StudentTMixture, stats: ComponentStats, prior: Cova
     rhs = jnp.einsum("gkxy,exy,egky->gkx", precision, patterns, m_e)
     has_mass = n_e[0] > jnp.finfo(dtype).tiny * 1e10
     safe_system = jnp.where(has_mass[..., None, None], system, eye)
-    shift = jnp.where(has_mass[..., None], jnp.linalg.solve(safe_system, rhs[..., None])[..., 0], 0.0)
+    shift = jnp.where(has_mass[..., None] & (not mixture.zero_mean),
+                      jnp.linalg.solve(safe_system, rhs[..., None])[..., 0], 0.0)
     means = mixture.means + shift
 
     scatter = jnp.einsum("exy,egkxy->gkxy", patterns, moments_about(n_e, m_e, S_e, shift)[2])
@@ -200,62 +257,154 @@ def emission_update(mixture: StudentTMixture, stats: ComponentStats, prior: Cova
 
 
 def _quadratic_patterns(mixture: StudentTMixture, inv_chol: Array) -> Float[Array, "Q G K D D"]:
-    """Matrices of the quadratic forms in delta'(s) that scale with s: Sigma^{-1} without a scale mask, else
-    Sigma^{-1} * P_e for the patterns of s^{-1} and s^{-1/2} (see ``emissions.mask_patterns``)."""
+    """Matrices of the quadratic forms in delta'(s): Sigma^{-1} without a scale mask, else Sigma^{-1} * P_e for
+    the patterns of s^{-1}, s^{-1/2} and 1 (see ``emissions.mask_patterns``)."""
     precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
-    patterns = emissions.mask_patterns(mixture.scale_mask, mixture.num_features, inv_chol.dtype)[:2]
+    patterns = emissions.mask_patterns(mixture.scale_mask, mixture.num_features, inv_chol.dtype)
     return precision[None] * patterns[:, None, None]
 
 
 def state_loads(mixture: StudentTMixture, moments: StateMoments, shift: Array, inv_chol: Array) -> list[Array]:
-    """Per quadratic form, [V] sum_t tau E[W] delta'_q (y_t - mu') from moments about mu = mu' - ``shift``."""
+    """Per quadratic form, [G, K, V] sum_t tau E[W] delta'_q (y_t - mu') from moments about mu = mu' - ``shift``."""
     scatter = moments_about(moments.weights, moments.first, moments.second, shift)[2]
-    return list(jnp.einsum("qgkxy,vgkxy->qv", _quadratic_patterns(mixture, inv_chol), scatter))
+    return list(jnp.einsum("qgkxy,vgkxy->qgkv", _quadratic_patterns(mixture, inv_chol), scatter))
 
 
 def step_loads(mixture: StudentTMixture, moments: StepMoments, inv_chol: Array) -> list[Array]:
-    """Per quadratic form, [T, V] sum_{g,k} tau E[W] delta'_q(y_t) under ``mixture``'s means and covariances."""
+    """Per quadratic form, [T, G, K, V] tau E[W] delta'_q(y_t) under ``mixture``'s means and covariances."""
     new = emissions.mahalanobis_terms(moments.observations, mixture.means, inv_chol, mixture.scale_mask)
-    quadratic = [new.scaled] if new.cross is None else [new.scaled, 2 * new.cross]
-    return [jnp.sum(moments.weights * q[..., None], axis=(1, 2)) for q in quadratic]
+    quadratic = [new.scaled] if new.cross is None else [new.scaled, 2 * new.cross, new.rest]
+    return [moments.weights * q[..., None] for q in quadratic]
 
 
-def scale_update(old: FHMV, model: FHMV, stats: StateMoments | StepMoments) -> FHMV:
-    """Maximise Q_s = -sum tau [ (D_s / 2) log s + E[W] delta'(s) / 2 ] over the magnitude parameters.
+class ScaleProblem(NamedTuple):
+    """The volatility CM-step as an optimisation problem (``scale_problem``).
+
+    Attributes:
+        objective: (w, u) -> Q, with w = {"magnitudes": the time-invariant ones, "covariance_scale": kappa [G, K]}
+            and u the leverage magnitudes that drive a time-varying path (empty otherwise).
+        start: (w, u) at the current model (kappa = 0).
+        derivatives: flat (w, u) -> (gradient, Hessian) in closed form through the leverage path, or ``None``
+            (autodiff of ``objective``).
+    """
+
+    objective: Callable
+    start: tuple
+    derivatives: Callable | None
+
+
+def scale_update(old: FHMV, model: FHMV, stats: StateMoments | StepMoments, counts: Float[Array, "G K"],
+                 prior: CovariancePrior) -> tuple[FHMV, Ascent | None]:
+    """Maximise Q over the magnitudes and covariance scales (``scale_problem``) by ``newton_ascent``."""
+    if not model.magnitudes():
+        return model, None
+    problem = scale_problem(old, model, stats, counts, prior)
+    ascent = newton_ascent(problem.objective, problem.start, derivatives=problem.derivatives)
+    static, lever = ascent.params
+    updated = model.with_magnitudes(static["magnitudes"] | lever)
+    mixture = updated.emission.with_scaled_covariances(static["covariance_scale"])
+    return eqx.tree_at(lambda m: m.emission, updated, mixture), ascent
+
+
+def scale_problem(old: FHMV, model: FHMV, stats: StateMoments | StepMoments, counts: Float[Array, "G K"],
+                  prior: CovariancePrior) -> ScaleProblem:
+    """Q over the magnitude parameters and a log-factor kappa_{g,k} of every covariance, jointly.
+
+    With Sigma'_{g,k} = exp(kappa_{g,k}) Sigma_{g,k} the terms of Q (plus the covariance prior) that move are
+    -sum tau [ (D_s / 2) log s + (D / 2) kappa + E[W] delta'(s) exp(-kappa) / 2 ]
+    - (count D / 2) kappa - (ridge / 2) exp(-kappa) tr(Sigma^{-1}), summed over components. The covariance
+    update alone leaves the overall level of the scales to the magnitudes and the reverse; moving both in one
+    conditional maximisation takes EM along that ridge in one step instead of a zig-zag of many (ECM stays
+    monotone: kappa = 0 and the old magnitudes are a candidate).
 
     tau and E[W] are those of the E-step's model ``old``; delta'(s) uses the new means and
     covariances of ``model``. ``stats`` keeps its leading sequence axis. With time-invariant
     scales the loads sum_t tau E[W] delta' per sub-state follow from ``StateMoments``; with
-    time-varying ones they are summed per step from ``StepMoments``.
+    time-varying ones they are summed per step from ``StepMoments``. ``counts`` are the component counts n_{g,k}.
     """
-    start = model.magnitudes()
-    if not start:
-        return model
+    magnitudes = model.magnitudes()
     mixture = model.emission
     inv_chol = emissions.inverse_cholesky(mixture.cholesky())
     time_varying = isinstance(stats, StepMoments)
     if time_varying:
         loads = jax.vmap(lambda moments: step_loads(mixture, moments, inv_chol))(stats)
-        counts = stats.counts
+        state_counts = stats.counts
     else:
         moments = _summed(stats)
         loads = state_loads(mixture, moments, mixture.means - old.emission.means, inv_chol)
-        counts = moments.counts
-    exponents = scale_exponents(mixture)[: len(loads)]
-    half_dim = 0.5 * mixture.num_scaled_features
+        state_counts = moments.counts
+    exponents = scale_exponents(mixture)
+    half_dim, D = 0.5 * mixture.num_scaled_features, mixture.num_features
+    trace_precision = jnp.sum(inv_chol**2, axis=(-2, -1))
 
-    def objective(values):
-        candidate = model.with_magnitudes(values)
-        if time_varying:
-            log_s = jax.vmap(lambda xb: log_scales(candidate, xb, initial_shocks(candidate))[0])(stats.driver)
-        else:
-            log_s = volatility_log_scales(candidate)
-        value = -half_dim * jnp.sum(counts * log_s)
+    leverage = model.leverage.magnitudes() if time_varying else {}
+    others = {k: v for k, v in magnitudes.items() if k not in leverage}
+
+    def log_path(values):
+        """[B, T] log L_t of the leverage magnitudes ``values``."""
+        block = model.leverage.replace(**values)
+        return jax.vmap(lambda xb: block.log_leverage_path(xb, initial_shocks(model))[1])(stats.driver)
+
+    def terms(values, path):
+        """Q as a function of the other magnitudes and kappa, and of the log leverage path (or ``None``)."""
+        log_s = volatility_log_scales(model.with_magnitudes(magnitudes | values["magnitudes"]))
+        if path is not None:
+            log_s = log_s.reshape((1,) * path.ndim + log_s.shape) + path[..., None]
+        kappa = values["covariance_scale"]
+        factor = jnp.exp(-kappa)[..., None]
+        value = -half_dim * jnp.sum(state_counts * log_s) - 0.5 * D * jnp.sum((counts + prior.count) * kappa)
+        value = value - 0.5 * prior.ridge * jnp.sum(factor[..., 0] * trace_precision)
+        factor = factor.reshape((1,) * (loads[0].ndim - 3) + factor.shape)
         for e, load in zip(exponents, loads, strict=True):
-            value = value - 0.5 * jnp.sum(load * jnp.exp(-e * log_s))
+            value = value - 0.5 * jnp.sum(load * factor * jnp.exp(-e * log_s)[..., None, None, :])
         return value
 
-    return model.with_magnitudes(newton_ascent(objective, start))
+    def objective(values):
+        static, lever = values
+        return terms(static, log_path(lever) if time_varying else None)
+
+    start = ({"magnitudes": others, "covariance_scale": jnp.zeros_like(counts)}, leverage)
+    return ScaleProblem(objective, start, _composite_derivatives(start, terms, log_path) if time_varying else None)
+
+
+def _composite_derivatives(start: tuple, terms: Callable, log_path: Callable) -> Callable:
+    """Gradient and Hessian of Q(w, u) = q(w, p(u)) in the flat coordinates of ``start`` = (w, u), where the
+    path p = [B, T] log L_t is a scan over time and q is separable in its steps.
+
+    Forward-mode through the scan gives p, J = dp/du and K = d^2p/du^2 for the few leverage parameters u;
+    then g_u = sum_t q_p J, H_uu = sum_t (q_pp J J^T + q_p K), H_wu = sum_t q_wp J^T. This avoids
+    differentiating the scan in reverse mode for every parameter (jax.hessian), the M-step's dearest part.
+    """
+    static_flat, unravel_static = ravel_pytree(start[0])
+    lever_flat, unravel_lever = ravel_pytree(start[1])
+    split = static_flat.shape[0]
+
+    def path(u):
+        return log_path(unravel_lever(u))
+
+    def q(w, p):
+        return terms(unravel_static(w), p)
+
+    def with_jacobian(u):
+        jacobian = jax.jacfwd(path)(u)
+        return jacobian, (jacobian, path(u))
+
+    def derivatives(flat):
+        w, u = flat[:split], flat[split:]
+        second, (jacobian, p) = jax.jacfwd(with_jacobian, has_aux=True)(u)
+        slope_p = jax.grad(q, argnums=1)
+        q_p = slope_p(w, p)
+        q_pp = jax.grad(lambda p: jnp.sum(slope_p(w, p)))(p)
+        q_wp = jax.jacfwd(slope_p, argnums=0)(w, p)
+        grad_u = jnp.einsum("bt,btu->u", q_p, jacobian)
+        hess_uu = jnp.einsum("bt,btu,btv->uv", q_pp, jacobian, jacobian) + jnp.einsum("bt,btuv->uv", q_p, second)
+        hess_wu = jnp.einsum("btw,btu->wu", q_wp, jacobian)
+        hess_ww = jax.hessian(q)(w, p)
+        grad = jnp.concatenate([jax.grad(q)(w, p), grad_u])
+        hess = jnp.block([[hess_ww, hess_wu], [hess_wu.T, hess_uu]])
+        return grad, hess
+
+    return derivatives
 
 
 def _leverage_inputs(stats: LeverageStats) -> tuple[Array, Array, Array]:
@@ -284,15 +433,15 @@ def leverage_derivatives(raw: Array, moved: Array, totals: Array, x_prev: Array)
     return grad.reshape(-1), hess.transpose(0, 2, 1, 3).reshape(4, 4)
 
 
-def leverage_update(leverage: MarkovLeverage, stats: LeverageStats) -> MarkovLeverage:
+def leverage_update(leverage: MarkovLeverage, stats: LeverageStats) -> tuple[MarkovLeverage, Ascent]:
     """Weighted logistic regression of V_t on x_{t-1} (Markov leverage), by Newton with closed-form derivatives."""
     data = _leverage_inputs(stats)
-    best = newton_ascent(
+    ascent = newton_ascent(
         lambda values: leverage_log_likelihood(values["leverage_raw"], *data),
         {"leverage_raw": leverage.leverage_raw},
         derivatives=lambda flat: leverage_derivatives(flat.reshape(2, 2), *data),
     )
-    return leverage.replace(**best)
+    return leverage.replace(**ascent.params), ascent
 
 
 def _summed(tree):
@@ -300,25 +449,42 @@ def _summed(tree):
     return jax.tree.map(lambda a: jnp.sum(a, axis=0), tree)
 
 
-def m_step(model: FHMV, stats: SequenceStats, prior: CovariancePrior) -> FHMV:
+def m_step(model: FHMV, stats: SequenceStats, prior: CovariancePrior) -> tuple[FHMV, dict[str, Array]]:
     """New parameters from the per-sequence statistics of ``model``'s E-step (leading axis B), in the
-    ECM order above; reads no data."""
+    ECM order above; reads no data.
+
+    Returns:
+        (the updated model, {parameter names: whether that iterative update stalled}) for the
+        iterative blocks in use, e.g. ``{"c1, theta_c, m1, l1, theta_l": False}`` (see ``Ascent.stalled``).
+    """
     initial = _summed(stats.initial)
     transitions = _summed(stats.transitions)
     num_chains = model.spec.num_chains
+    stalled = {}
     updated = eqx.tree_at(lambda m: m.regime, model, regime_update(model.regime, initial[0], transitions[0]))
     if model.persistence is not None:
         chains = persistence_update(model.persistence, transitions[1 : 1 + num_chains])
         updated = eqx.tree_at(lambda m: m.persistence, updated, chains)
     if model.jump is not None:
         axis = 1 + num_chains
-        updated = eqx.tree_at(lambda m: m.jump, updated, jump_update(model.jump, initial[axis], transitions[axis]))
+        jump, ascent = jump_update(model.jump, initial[axis], transitions[axis])
+        updated = eqx.tree_at(lambda m: m.jump, updated, jump)
+        stalled[_names(model.jump.present(JumpChain.transition_fields))] = ascent.stalled
     mixture = emission_update(model.emission, _summed(stats.components), prior)
     updated = eqx.tree_at(lambda m: m.emission, updated, mixture)
-    updated = scale_update(model, updated, stats.volatility)
+    updated, ascent = scale_update(model, updated, stats.volatility, _summed(stats.components).counts, prior)
+    if ascent is not None:
+        stalled[_names(model.magnitudes()) + ", covariance scales"] = ascent.stalled
     if stats.leverage is not None:
-        updated = eqx.tree_at(lambda m: m.leverage, updated, leverage_update(updated.leverage, stats.leverage))
-    return updated
+        leverage, ascent = leverage_update(updated.leverage, stats.leverage)
+        updated = eqx.tree_at(lambda m: m.leverage, updated, leverage)
+        stalled["leverage_logits"] = ascent.stalled
+    return updated, stalled
+
+
+def _names(fields: dict) -> str:
+    """"c1, theta_c" from the unconstrained field names {"c1_raw": ..., "theta_c_raw": ...}."""
+    return ", ".join(name.removesuffix("_raw") for name in fields)
 
 
 def log_prior(mixture: StudentTMixture, prior: CovariancePrior) -> Array:

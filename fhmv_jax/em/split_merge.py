@@ -184,7 +184,7 @@ def merge_split_candidate(model: FHMV, merged: tuple[int, int], r: int) -> FHMV:
     for slot, regime_components in ((i, merged), (r, halves[0]), (j, halves[1])):
         total = sum(c.weight for c in regime_components)
         natural["weights"][slot] = [c.weight / total for c in regime_components]
-        natural["means"][slot] = [c.mean for c in regime_components]
+        natural["means"][slot] = [0 * c.mean if spec.zero_mean else c.mean for c in regime_components]
         natural["covariances"][slot] = [c.covariance for c in regime_components]
         if "dof" in natural:
             natural["dof"][slot] = [c.dof for c in regime_components]

@@ -16,14 +16,7 @@ from jax.scipy.special import digamma
 
 from .._types import Array, Bool, Float, Scalar
 from ..inference import BlockPosterior, forward_backward
-from ..inference.smoother import (
-    axes_by_kind,
-    gram,
-    invariant_counts,
-    invariant_kronecker,
-    moved_back_along_varying,
-    varying_pairwise,
-)
+from ..inference.smoother import axes_by_kind
 from ..model.emissions import BlockTerms, StudentTMixture
 from ..model.fhmv import FHMV, sequence_inputs
 
@@ -145,11 +138,14 @@ def component_posteriors(
     Meant to be consumed by reductions inside jit, where XLA fuses them instead of storing
     them. rho = (w_k t_D / exp(m_t)) / (b / exp(m_t)) with the step's largest term m_t, so
     outliers never fall back to uniform responsibilities; a state whose scaled likelihood
-    underflows has gamma = 0 in the filter as well.
+    underflows has gamma = 0 in the filter as well. With one component rho = 1 and tau = gamma.
     """
-    usable = terms.scaled > 0
-    weight = jnp.where(usable, gamma / jnp.where(usable, terms.scaled, 1.0), 0.0)
-    tau = weight[:, :, None, :] * terms.scaled_components
+    if terms.scaled_components.shape[2] == 1:
+        tau = gamma[:, :, None, :]
+    else:
+        usable = terms.scaled > 0
+        weight = jnp.where(usable, gamma / jnp.where(usable, terms.scaled, 1.0), 0.0)
+        tau = weight[:, :, None, :] * terms.scaled_components
     comp = terms.components
     expected_w, expected_log_w = latent_weights(mixture, comp.delta, comp.log_ratio)
     return tau, expected_w, expected_log_w
@@ -186,6 +182,14 @@ def _sum_over_last_axis(operands: tuple[Array, ...]) -> tuple[Array, ...]:
     return jax.lax.reduce(operands, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), (last,))
 
 
+def _inverse_scale_power(terms: BlockTerms, exponent: float) -> Array:
+    """s^{-e} for e in (1, 1/2, 0) from the terms' 1 / s (no exp per step and state)."""
+    inv_scale = jnp.exp(-terms.log_scale) if terms.inv_scale is None else terms.inv_scale
+    if exponent == 1.0:
+        return inv_scale
+    return jnp.sqrt(inv_scale) if exponent == 0.5 else jnp.ones_like(inv_scale)
+
+
 def component_sums(
     mixture: StudentTMixture, terms: BlockTerms, gamma: Float[Array, "L G V"], centred: Float[Array, "L D"]
 ) -> ComponentSums:
@@ -196,7 +200,7 @@ def component_sums(
         per_component, dof_terms = _sum_over_last_axis((tau, tau * (expected_log_w - expected_w)))
         omega = tau * expected_w
     else:
-        scaled = tuple(tau * expected_w * jnp.exp(-e * terms.log_scale)[:, None, None, :]
+        scaled = tuple(tau * expected_w * _inverse_scale_power(terms, e)[:, None, None, :]
                        for e in scale_exponents(mixture))
         *per_exponent, per_component, dof_terms = _sum_over_last_axis(
             (*scaled, tau, tau * (expected_log_w - expected_w)))
@@ -242,9 +246,10 @@ def e_step(
 ) -> SequenceStats:
     """Forward-backward over one (possibly padded) sequence and the ECM statistics.
 
-    The time-invariant factors' expected transition counts come from one S x S Gram matrix per
-    block, sum_t alpha_{t-1} m_t^T (m_t: r_t moved back along the time-varying axis), contracted
-    with the other factors' matrices; the time-varying (Markov leverage) factor's per step.
+    Every factor's expected transition counts come from the inference core (``forward_backward``'s
+    ``pairwise_sums``: a Gram matrix per block for small state spaces, per-factor contractions
+    otherwise); the time-varying (Markov leverage) factor's per step as well. An i.i.d. jump chain
+    comes as its law (``inference_transitions``), so the recursions run over the other factors only.
 
     Args:
         model: the model of the E-step.
@@ -258,7 +263,6 @@ def e_step(
         ``SequenceStats``.
     """
     G = model.spec.num_regimes
-    shape = model.spec.state_shape
     mixture = model.emission
     valid = mask.astype(y.dtype)
     inputs = sequence_inputs(model, y, x)
@@ -266,36 +270,38 @@ def e_step(
     varying, _ = axes_by_kind(transitions)
     if len(varying) > 1:
         raise NotImplementedError("expected statistics support at most one time-varying factor")
-    others = invariant_kronecker(transitions) if varying else None
     scales_vary = inputs.log_scale.shape[0] != 1
     reference = jnp.sum(y * valid[:, None], axis=0) / jnp.sum(valid)
 
     def reduce(rows, posterior: BlockPosterior):
         y_rows, terms = inputs.emissions.terms(rows)
         gamma = posterior.smoothed.reshape(y_rows.shape[0], G, -1)
-        moved = moved_back_along_varying(posterior.weighted, transitions, posterior.incoming)
-        return gram(posterior.previous, moved), component_sums(mixture, terms, gamma, y_rows - reference[None, :])
+        return component_sums(mixture, terms, gamma, y_rows - reference[None, :])
+
+    # one Gaussian component per regime: tau = gamma and E[W] = 1, so the step weights are the smoothed laws
+    # themselves (one [T, G, V] array instead of two: at 10240 states and 5000 steps each costs 0.4 GB)
+    smoothed_only = mixture.gaussian and model.spec.num_components == 1
 
     def collect(rows, posterior: BlockPosterior):
-        pairwise = tuple(varying_pairwise(others, axis, matrices, posterior.previous, posterior.weighted)
-                         for axis, matrices in zip(varying, posterior.incoming, strict=True))
         if not scales_vary:
-            return pairwise, ()
+            return ()
+        gamma = posterior.smoothed.reshape(posterior.smoothed.shape[0], G, -1)
+        if smoothed_only:
+            return gamma
         y_rows, terms = inputs.emissions.terms(rows)
-        gamma = posterior.smoothed.reshape(y_rows.shape[0], G, -1)
         tau, expected_w, _ = component_posteriors(mixture, terms, gamma)
-        return pairwise, (jnp.sum(gamma, axis=1), tau * expected_w)
+        return jnp.sum(gamma, axis=1), tau * expected_w
 
     posterior = forward_backward(inputs.initial, transitions, inputs.emissions.likelihoods, inputs.rows, mask,
-                                 reduce=reduce, collect=collect, block_steps=block_steps)
-    gram_total, sums = posterior.sums
-    pairwise, step_weights = posterior.steps
-    counts = list(invariant_counts(gram_total, transitions, shape))
-    for axis, per_step in zip(varying, pairwise, strict=True):
-        counts[axis] = jnp.sum(per_step[1:], axis=0)
+                                 reduce=reduce, collect=collect, block_steps=block_steps, pairwise_sums=True,
+                                 pairwise_steps=tuple(varying))
+    sums, step_weights = posterior.sums, posterior.steps
+    counts = posterior.pairwise_sums
 
     moments = moments_about(sums.weights, sums.first, sums.second, mixture.means - reference[None, None, :])
     if scales_vary:
+        if smoothed_only:
+            step_weights = (jnp.sum(step_weights, axis=1), step_weights[:, :, None, :])
         volatility = StepMoments(*step_weights, y, x)
     else:
         volatility = StateMoments(sums.state_counts, *moments)
@@ -303,7 +309,7 @@ def e_step(
         moments = tuple(jnp.tensordot(inverse_scales, m, axes=1) for m in moments)
     leverage = None
     if model.spec.leverage == "markov":
-        leverage = LeverageStats(pairwise[0][1:], x[:-1])
+        leverage = LeverageStats(posterior.pairwise_steps[0][1:], x[:-1])
     return SequenceStats(
         log_likelihood=posterior.log_likelihood,
         initial=_factor_marginals(posterior.initial / jnp.sum(posterior.initial)),

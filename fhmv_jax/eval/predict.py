@@ -1,4 +1,4 @@
-"""Regime read-outs: per-step regime probabilities, labels, names and an ambiguity flag."""
+"""Read-outs: per-step regime probabilities, labels, names and an ambiguity flag; the expected volatility scale."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 from .._types import Array, Float
 from ..data.features import FeatureCarry, FeatureTransform, Standardizer, TransformedRows
 from ..io import SavedModel
-from ..model.fhmv import FHMV
+from ..model.fhmv import FHMV, sequence_inputs
+from ..model.inputs import check_observations
 
 METHODS = ("filter", "smooth", "viterbi")
 
@@ -92,6 +93,31 @@ def predict_regimes(
         regimes = np.argmax(probabilities, axis=1) if method == "smooth" else np.asarray(model.viterbi(y, x).regime)
     confidence = np.take_along_axis(probabilities, regimes[:, None], axis=1)[:, 0]
     return RegimePrediction(probabilities, regimes, names[regimes], confidence, confidence < threshold, method)
+
+
+def volatility_scale(
+    model: FHMV, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None, *, method: str = "smooth"
+) -> np.ndarray:
+    """The expected volatility scale E[s_t | y] of every step (MODEL.md sections 2 and 6).
+
+    E[s_t | y] = sum_h P(h_t = h | y) s_t(h), with s_t(h) = C(e) M(J) L_t the factor scale of
+    the joint state h (1 in the baseline state; the regime covariances carry the level).
+
+    Args:
+        model: a fitted model.
+        y: [T, D] observations, standardised as the model's input; x: optional [T] driver.
+        method: ``"smooth"`` (P(h_t | y_{1:T}), offline) or ``"filter"`` (P(h_t | y_{1:t}), no look-ahead).
+
+    Returns:
+        [T] E[s_t | y] (all ones for a spec without volatility factors).
+    """
+    if method not in ("filter", "smooth"):
+        raise ValueError(f"method must be 'filter' or 'smooth', got {method!r}")
+    posterior = model.filter(y, x) if method == "filter" else model.smooth(y, x)
+    joint = np.asarray(posterior.joint)
+    per_volatility = joint.reshape(joint.shape[0], model.spec.num_regimes, -1).sum(axis=1)
+    log_scale = np.asarray(sequence_inputs(model, *check_observations(model.spec, y, x, dtype=model.dtype)).log_scale)
+    return np.sum(per_volatility * np.exp(log_scale), axis=-1)
 
 
 def model_inputs(metadata: dict, raw, carry: FeatureCarry | None = None) -> TransformedRows:

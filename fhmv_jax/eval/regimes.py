@@ -1,8 +1,30 @@
-"""Naming fitted regimes: Hungarian matching to labels or to a reference model.
+"""Naming fitted regimes: Hungarian matching to labels or to a reference model, or a rule on the fitted means.
 
 A fitted model's G regimes are unlabelled (any permutation fits equally well). Accuracy is
 only meaningful after an alignment, and that alignment must be fitted on training data
 only. ``RegimeAlignment.mapping[g]`` is the reference label given to fitted regime g.
+
+Without labels, ``name_by_rule`` names the regimes of a model fitted on the market features
+of DATA.md (it needs LM, Abs, Vol and T) from their fitted means (MODEL.md section 6).
+Each feature's regime means m_g (in feature units, component-weighted) become z-scores
+across the G regimes, z_f(g) = (m_g - mean) / sd (0 where all regimes agree), with the
+trend feature taken as |T|. The names are then given in this order, each to the regime with
+the highest score among those not yet named:
+
+    HPEM (high-pressure extreme move)   z_LM - z_Abs           highest liquidation, lowest absorption
+    RHA  (reversal, high absorption)    z_LM + z_Abs           high liquidation, highest absorption
+    ST   (stable trend)                 z_|T| - z_Vol          clearest trend, lowest volatility
+    VT   (volatile trend)               z_Vol + z_LM           highest volatility and liquidation
+    RC   (range-bound, consolidation)   z_Abs - z_LM - z_|T|   absorption without liquidation or trend
+    AMB  (ambiguous)                    -sum_f |z_f|           the weakest signals
+
+With fewer than six regimes only the first G names are given (a 2-regime fit gets HPEM and
+RHA); regimes beyond six keep the neutral names R6, R7, ... z-scores do not change when a
+feature is rescaled, but |T| needs T's own zero: pass means in the units of the causal
+features, before standardisation (``Standardizer.inverse_transform``). On the simulated
+market the rule recovers the true names from the per-regime feature means, and on the
+default fit of that market (the main job, seed 42, with the labels withheld) it gives the names the
+Hungarian matching to the labels gives.
 """
 
 from __future__ import annotations
@@ -117,3 +139,65 @@ def reorder_regimes(model: FHMV, order) -> FHMV:
     if sorted(order.tolist()) != list(range(num_regimes)):
         raise ValueError(f"order must be a permutation of the {num_regimes} regimes, got {order.tolist()}")
     return model.permuted_regimes(order)
+
+
+NAMING_FEATURES = ("LM", "Abs", "Vol", "T")
+"""The features ``name_by_rule`` needs (DATA.md names)."""
+
+RULE_NAMES = ("HPEM", "RHA", "ST", "VT", "RC", "AMB")
+"""The names ``name_by_rule`` gives, in the order it gives them."""
+
+
+def regime_means(model: FHMV) -> np.ndarray:
+    """[G, D] fitted regime means sum_k w_{g,k} mu_{g,k}, in the model's input units (zeros without means)."""
+    natural = model.natural_parameters()
+    spec = model.spec
+    if "means" not in natural:
+        return np.zeros((spec.num_regimes, spec.num_features))
+    weights, means = np.asarray(natural["weights"]), np.asarray(natural["means"])
+    return np.einsum("gk,gkd->gd", weights, means)
+
+
+def _z_scores(values: np.ndarray) -> np.ndarray:
+    spread = values.std()
+    if spread <= 1e-12 * max(1.0, np.abs(values).max()):
+        return np.zeros_like(values)
+    return (values - values.mean()) / spread
+
+
+def name_by_rule(means, feature_names: Sequence[str]) -> tuple[str, ...] | None:
+    """Name unlabelled regimes by the documented rule on their fitted means (module docstring).
+
+    Args:
+        means: [G, D] regime means in feature units (``regime_means`` of the model, mapped
+            back through the Standardizer).
+        feature_names: [D] names; the rule needs ``NAMING_FEATURES``.
+
+    Returns:
+        G names, one per fitted regime, or ``None`` when the rule does not apply (a needed
+        feature is missing, or G < 2: one regime has nothing to be told apart from).
+    """
+    means = np.asarray(means, dtype=np.float64)
+    names = list(feature_names)
+    if means.ndim != 2 or means.shape[1] != len(names):
+        raise ValueError(f"means must be [G, {len(names)}] for features {names}, got shape {means.shape}")
+    num_regimes = means.shape[0]
+    if num_regimes < 2 or not set(NAMING_FEATURES) <= set(names):
+        return None
+    z = {f: _z_scores(means[:, names.index(f)]) for f in ("LM", "Abs", "Vol")}
+    z["|T|"] = _z_scores(np.abs(means[:, names.index("T")]))
+    scores = {
+        "HPEM": z["LM"] - z["Abs"],
+        "RHA": z["LM"] + z["Abs"],
+        "ST": z["|T|"] - z["Vol"],
+        "VT": z["Vol"] + z["LM"],
+        "RC": z["Abs"] - z["LM"] - z["|T|"],
+        "AMB": -sum(np.abs(v) for v in z.values()),
+    }
+    given = [f"R{g}" for g in range(num_regimes)]
+    free = list(range(num_regimes))
+    for name in RULE_NAMES[:num_regimes]:
+        chosen = max(free, key=lambda g, score=scores[name]: score[g])
+        given[chosen] = name
+        free.remove(chosen)
+    return tuple(given)

@@ -13,8 +13,13 @@ from ._ops import UNROLL, Transitions, at_step, condition, predict, time_varying
 
 
 def forward_scan(
-    predicted: Array, transitions: Transitions, scaled: Float[Array, "L ..."], outgoing: tuple[Array, ...] | None = None
-) -> tuple[Array, Float[Array, "L ..."], Float[Array, " L"]]:
+    predicted: Array,
+    transitions: Transitions,
+    scaled: Float[Array, "L ..."],
+    outgoing: tuple[Array, ...] | None = None,
+    *,
+    with_predicted: bool = False,
+) -> tuple[Array, Float[Array, "L ..."], Float[Array, " L"]] | tuple[Array, Array, Array, Array]:
     """The scaled forward recursion (Rabiner 1989) over L consecutive steps.
 
     alpha_t = (pred_t * b_t) / c_t with c_t = sum_h pred_t(h) b_t(h); pred_{t+1} = alpha_t P_t, one
@@ -27,8 +32,11 @@ def forward_scan(
         outgoing: each time-varying matrix from each step to the next, [L, n, n] (default: those of
             ``transitions``, which then cover exactly the L steps).
 
+        with_predicted: also return the predicted laws [L, *shape] P(h_t | y_{1:t-1}) of the L steps.
+
     Returns:
-        (the predicted law of the step after the last, filtered [L, *shape], normalisers [L] c_t).
+        (the predicted law of the step after the last, filtered [L, *shape], normalisers [L] c_t[,
+        predicted [L, *shape]]).
     """
 
     outgoing = time_varying(transitions) if outgoing is None else outgoing
@@ -36,7 +44,8 @@ def forward_scan(
     def _step(predicted, inputs):
         b_t, matrices_t = inputs
         filtered, normaliser = condition(predicted, b_t)
-        return predict(filtered, at_step(transitions, matrices_t)), (filtered, normaliser)
+        out = (filtered, normaliser, predicted) if with_predicted else (filtered, normaliser)
+        return predict(filtered, at_step(transitions, matrices_t)), out
 
-    predicted, (filtered, normalisers) = jax.lax.scan(_step, predicted, (scaled, outgoing), unroll=UNROLL)
-    return predicted, filtered, normalisers
+    predicted, out = jax.lax.scan(_step, predicted, (scaled, outgoing), unroll=UNROLL)
+    return (predicted, *out)

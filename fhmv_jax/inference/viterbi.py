@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Int
-from ._ops import UNROLL, Transitions, at_step, max_product_step, time_varying
+from ._ops import UNROLL, Transitions, at_step, dense, max_product_step, time_varying
 
 
 def _column_log_probs(log_matrices: tuple[Array, ...], next_state: tuple[Array, ...]) -> Array:
@@ -16,7 +16,7 @@ def _column_log_probs(log_matrices: tuple[Array, ...], next_state: tuple[Array, 
     for axis, (log_matrix, index) in enumerate(zip(log_matrices, next_state, strict=True)):
         shape = [1] * ndim
         shape[axis] = log_matrix.shape[0]
-        total = total + log_matrix[:, index].reshape(shape)
+        total = total + dense(log_matrix)[:, index].reshape(shape)
     return total
 
 

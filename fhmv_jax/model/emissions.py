@@ -111,9 +111,11 @@ def mahalanobis_terms(
     return forms(y, means, inv_chol, scale_mask)
 
 
-def scaled_mahalanobis(terms: MahalanobisTerms, log_scale: Float[Array, "T V"]) -> Float[Array, "T G K V"]:
-    """delta(s) for every (t, g, k) and volatility sub-state v, with log s = ``log_scale[t, v]``."""
-    inv_scale = jnp.exp(-log_scale)[:, None, None, :]
+def scaled_mahalanobis(terms: MahalanobisTerms, log_scale: Float[Array, "T V"],
+                       inv_scale: Float[Array, "T V"] | None = None) -> Float[Array, "T G K V"]:
+    """delta(s) for every (t, g, k) and volatility sub-state v, with log s = ``log_scale[t, v]`` (and 1 / s =
+    ``inv_scale`` when given, e.g. as the outer product of two vectors: no exp per element)."""
+    inv_scale = (jnp.exp(-log_scale) if inv_scale is None else inv_scale)[:, None, None, :]
     delta = terms.scaled[..., None] * inv_scale
     if terms.cross is None:
         return delta
@@ -143,6 +145,7 @@ class BlockTerms(NamedTuple):
         shift: [L] m_t, the largest weighted component log-density of the step.
         scaled_components: [L, G, K, V] w_{g,k} t_D(y_t; ...) / exp(m_t), in [0, 1].
         scaled: [L, G, V] b_t(g, v) / exp(m_t) = sum_k ``scaled_components``.
+        inv_scale: [L, V] (or [1, V]) 1 / s_t(v).
     """
 
     log_scale: Array
@@ -150,6 +153,7 @@ class BlockTerms(NamedTuple):
     shift: Float[Array, " L"]
     scaled_components: Float[Array, "L G K V"]
     scaled: Float[Array, "L G V"]
+    inv_scale: Array | None = None
 
 
 class StudentTMixture(AbstractBlock):
@@ -158,6 +162,7 @@ class StudentTMixture(AbstractBlock):
     Attributes:
         dof_bounds: (lower, upper) bounds of nu (static).
         scale_mask: D flags of the features the scale multiplies, ``None`` for all (static).
+        zero_mean: the means are fixed at zero and not estimated (static).
         log_weights: [G, K] log mixture weights.
         means: [G, K, D] component means.
         chol_raw: [G, K, D, D] log-Cholesky factors of Sigma: strict lower triangle as is, log diagonal
@@ -167,6 +172,7 @@ class StudentTMixture(AbstractBlock):
 
     dof_bounds: tuple[float, float] = eqx.field(static=True)
     scale_mask: tuple[bool, ...] | None = eqx.field(static=True)
+    zero_mean: bool = eqx.field(static=True)
     log_weights: Float[Array, "G K"]
     means: Float[Array, "G K D"]
     chol_raw: Float[Array, "G K D D"]
@@ -174,7 +180,7 @@ class StudentTMixture(AbstractBlock):
 
     @classmethod
     def static_fields(cls, spec):
-        return {"dof_bounds": spec.dof_bounds, "scale_mask": spec.scale_mask}
+        return {"dof_bounds": spec.dof_bounds, "scale_mask": spec.scale_mask, "zero_mean": spec.zero_mean}
 
     @classmethod
     def natural_shapes(cls, spec):
@@ -191,12 +197,14 @@ class StudentTMixture(AbstractBlock):
     @classmethod
     def from_natural(cls, spec, values, dtype=None):
         check_stochastic("weights", values["weights"])
+        if spec.zero_mean and np.any(np.asarray(values["means"]) != 0):
+            raise ValueError("the spec has zero_mean=True: every mean must be 0")
         dof_raw = None
         if "dof" in values:
             low, high = spec.dof_bounds
             check_interval("dof", values["dof"], low, high, "both")
             dof_raw = logit((values["dof"] - low) / (high - low))
-        return cls(spec.dof_bounds, spec.scale_mask, as_array(safe_log(values["weights"]), dtype),
+        return cls(spec.dof_bounds, spec.scale_mask, spec.zero_mean, as_array(safe_log(values["weights"]), dtype),
                    as_array(values["means"], dtype), as_array(_covariance_raw(values["covariances"]), dtype),
                    as_array(dof_raw, dtype))
 
@@ -220,6 +228,12 @@ class StudentTMixture(AbstractBlock):
         """U with Sigma = U U^T, lower triangular with a positive diagonal."""
         return cholesky_factor(self.chol_raw)
 
+    def with_scaled_covariances(self, log_factor: Float[Array, "G K"]) -> StudentTMixture:
+        """The mixture with every Sigma_{g,k} multiplied by exp(log_factor[g, k])."""
+        half = 0.5 * log_factor[..., None, None]
+        eye = jnp.broadcast_to(jnp.eye(self.num_features, dtype=self.chol_raw.dtype), self.chol_raw.shape)
+        return self.replace(chol_raw=jnp.tril(self.chol_raw, -1) * jnp.exp(half) + (self.chol_raw + half) * eye)
+
     def dof(self) -> Float[Array, "G K"] | None:
         """nu in ``dof_bounds`` (``None`` for Gaussian components)."""
         return None if self.gaussian else bounded(self.dof_raw, *self.dof_bounds)
@@ -232,7 +246,11 @@ class StudentTMixture(AbstractBlock):
     @property
     def num_free_parameters(self) -> int:
         G, K, D = self.means.shape
-        return G * (K - 1) + G * K * D + G * K * D * (D + 1) // 2 + (0 if self.gaussian else G * K)
+        means = 0 if self.zero_mean else G * K * D
+        return G * (K - 1) + means + G * K * D * (D + 1) // 2 + (0 if self.gaussian else G * K)
+
+    def fixed_fields(self) -> tuple[str, ...]:
+        return ("means",) if self.zero_mean else ()
 
     def permuted(self, order: np.ndarray) -> StudentTMixture:
         """The mixture with regime i being the old regime ``order[i]``."""
@@ -247,14 +265,16 @@ class StudentTMixture(AbstractBlock):
         dof = self.dof()
         return gammaln((dof + D) / 2) - gammaln(dof / 2) - 0.5 * D * jnp.log(dof * math.pi) - half_log_det
 
-    def component_terms(self, mahalanobis: MahalanobisTerms, log_scale: Float[Array, "T V"]) -> ComponentTerms:
+    def component_terms(self, mahalanobis: MahalanobisTerms, log_scale: Float[Array, "T V"],
+                        inv_scale: Float[Array, "T V"] | None = None) -> ComponentTerms:
         """log w_{g,k} + log t_D(y_t; mu_{g,k}, s_t(v) Sigma_{g,k}, nu_{g,k}) (or the Gaussian density) and its parts.
 
         Args:
             mahalanobis: the quadratic forms of the steps (``mahalanobis_terms``).
             log_scale: [T, V] (or [1, V]) log s_t(v).
+            inv_scale: 1 / s_t(v), if known without an exp per element (default exp(-log_scale)).
         """
-        delta = scaled_mahalanobis(mahalanobis, log_scale)
+        delta = scaled_mahalanobis(mahalanobis, log_scale, inv_scale)
         normalisers = self.log_normalisers(self.cholesky())[None, :, :, None]
         scale_term = -0.5 * self.num_scaled_features * log_scale[:, None, None, :]
         log_ratio = None
@@ -267,12 +287,17 @@ class StudentTMixture(AbstractBlock):
         weighted = component + jax.nn.log_softmax(self.log_weights, axis=-1)[None, :, :, None]
         return ComponentTerms(weighted, delta, log_ratio)
 
-    def block_terms(self, inv_chol: Array, y: Float[Array, "L D"], log_scale: Array) -> BlockTerms:
-        """``BlockTerms`` of L steps (``inv_chol``: U^{-1} of every component, computed once outside any loop)."""
-        components = self.component_terms(mahalanobis_terms(y, self.means, inv_chol, self.scale_mask), log_scale)
+    def block_terms(self, inv_chol: Array, y: Float[Array, "L D"], log_scale: Array,
+                    inv_scale: Array | None = None) -> BlockTerms:
+        """``BlockTerms`` of L steps (``inv_chol``: U^{-1} of every component, computed once outside any loop;
+        ``inv_scale``: 1 / s if known without an exp per element, see ``scaled_mahalanobis``)."""
+        inv_scale = jnp.exp(-log_scale) if inv_scale is None else inv_scale
+        components = self.component_terms(mahalanobis_terms(y, self.means, inv_chol, self.scale_mask), log_scale,
+                                          inv_scale)
         shift = jax.lax.stop_gradient(jnp.max(components.weighted_log_dens, axis=(1, 2, 3)))
         scaled_components = jnp.exp(components.weighted_log_dens - shift[:, None, None, None])
-        return BlockTerms(log_scale, components, shift, scaled_components, jnp.sum(scaled_components, axis=2))
+        return BlockTerms(log_scale, components, shift, scaled_components, jnp.sum(scaled_components, axis=2),
+                          inv_scale)
 
 
 def _covariance_raw(covariances: np.ndarray) -> np.ndarray:

@@ -246,6 +246,10 @@ class FHMV(eqx.Module):
             arrays |= block.raw_arrays()
         return arrays
 
+    def fixed_arrays(self) -> tuple[str, ...]:
+        """The names of the arrays of ``raw_arrays()`` that the spec holds fixed (not free parameters)."""
+        return tuple(name for block in self.blocks().values() for name in block.fixed_fields())
+
     def natural_parameters(self) -> dict[str, Array]:
         """Constrained parameter values; keys the spec does not use are absent (ARCHITECTURE.md)."""
         return {k: v for block in self.blocks().values() for k, v in block.natural().items()}
@@ -324,10 +328,13 @@ class FHMV(eqx.Module):
 
 
 def _outer(vectors) -> Array:
+    """The outer product of vectors, computed on flat arrays (element order and arithmetic those of the nested
+    product) and shaped at the end: no fused operation sees the joint tensor's many axes, which XLA:CPU's
+    YNNPACK fusions reject (``fast_jit``) beyond about eight."""
     total = vectors[0]
     for v in vectors[1:]:
-        total = total[..., None] * v.reshape((1,) * total.ndim + v.shape)
-    return total
+        total = (total.reshape(-1)[:, None] * v[None, :]).reshape(-1)
+    return total.reshape(tuple(v.shape[0] for v in vectors))
 
 
 def initial_law(model: FHMV) -> Float[Array, "*state"]:
@@ -340,15 +347,24 @@ def transition_matrices(model: FHMV, x: Float[Array, " T"] | None) -> tuple[Arra
     return tuple(m for factor in model.chain_factors for m in factor.transition_matrices(x))
 
 
+def inference_transitions(model: FHMV, x: Float[Array, " T"] | None) -> tuple[Array, ...]:
+    """``transition_matrices`` as the inference core takes them: an i.i.d. jump chain (every row pi_M) as its
+    law pi_M [N_M], which the core sums out of its recursions (``inference.blocked``: with N_M = N = 10 jump
+    states the scans run over 1024 instead of 10240 states)."""
+    matrices = transition_matrices(model, x)
+    if model.jump is None or model.jump.mode != "iid":
+        return matrices
+    axis = 1 + model.spec.num_chains
+    return matrices[:axis] + (matrices[axis][0],) + matrices[axis + 1:]
+
+
 def volatility_log_scales(model: FHMV) -> Float[Array, " V"]:
     """log C(e) + log M(J) (+ V log l_1 for Markov leverage) per volatility sub-state, flattened."""
     per_axis = [values for factor in model.volatility_factors for values in factor.axis_log_scales()]
-    total = jnp.zeros((), model.dtype)
-    for axis, values in enumerate(per_axis):
-        shape = [1] * len(per_axis)
-        shape[axis] = values.shape[0]
-        total = total + values.reshape(shape)
-    return jnp.broadcast_to(total, model.spec.volatility_shape).reshape(-1)
+    total = jnp.zeros((1,), model.dtype)
+    for values in per_axis:  # the outer sum on flat arrays (see ``_outer``)
+        total = (total[:, None] + values[None, :]).reshape(-1)
+    return total
 
 
 def initial_shocks(model: FHMV) -> Float[Array, " L"]:
@@ -370,19 +386,26 @@ class Emissions(eqx.Module):
     Attributes:
         mixture: the model's ``StudentTMixture``.
         inv_chol: [G, K, D, D] U^{-1} of every component (computed once, outside every loop).
-        log_scale: [1, V] the time-invariant log-scales, or ``None`` when the rows carry them.
+        log_scale: [1, V] the time-invariant log-scales log C(e) + log M(J) (+ V log l_1).
         state_shape: the joint state shape (static).
+        varying: whether the rows carry a leverage path log L_t added to ``log_scale`` (static). The
+            [L, V] log-scales of a block are formed in the block, never as a [T, V] array.
     """
 
     mixture: StudentTMixture
     inv_chol: Array
-    log_scale: Array | None
+    log_scale: Array
     state_shape: tuple[int, ...] = eqx.field(static=True)
+    varying: bool = eqx.field(static=True, default=False)
 
     def terms(self, rows) -> tuple[Float[Array, "L D"], BlockTerms]:
-        """(y of the rows, their ``BlockTerms``)."""
-        y, log_scale = (rows, self.log_scale) if self.log_scale is not None else rows
-        return y, self.mixture.block_terms(self.inv_chol, y, log_scale)
+        """(y of the rows, their ``BlockTerms``); with a leverage path, 1 / s = exp(-log C M) exp(-log L_t), an
+        outer product (no exp per step and state)."""
+        if not self.varying:
+            return rows, self.mixture.block_terms(self.inv_chol, rows, self.log_scale)
+        y, path = rows
+        inv_scale = jnp.exp(-self.log_scale) * jnp.exp(-path)[:, None]
+        return y, self.mixture.block_terms(self.inv_chol, y, self.log_scale + path[:, None], inv_scale)
 
     def likelihoods(self, rows) -> tuple[Float[Array, "L ..."], Float[Array, " L"]]:
         """([L, *state_shape] p(y_t | h_t) / exp(m_t), [L] m_t), m_t the step's largest component term."""
@@ -400,9 +423,11 @@ class SequenceInputs(NamedTuple):
 
     Attributes:
         initial: [*state_shape] the law of h_1 (or of the step after the carried state).
-        transitions: one matrix per factor axis (``transition_matrices``).
-        log_scale: [T, V] or [1, V] log s_t(v).
-        rows: the per-step inputs of ``emissions`` (leading axis T): y, and log s_t when it varies in time.
+        transitions: one matrix per factor axis, or the law of an i.i.d. jump chain (``inference_transitions``).
+        log_scale: [T, V] or [1, V] log s_t(v) (computed only where used: the E-step and the read-outs form
+            each block's from ``rows``).
+        rows: the per-step inputs of ``emissions`` (leading axis T): y, and the leverage path log L_t [T]
+            when the scales vary in time.
         emissions: the emission terms of any block of rows.
         shocks: the leverage shocks after the last step.
     """
@@ -427,15 +452,15 @@ def sequence_inputs(
         predicted: the law of the first step (default: the law of h_1).
         shocks: the leverage shocks before the first step (default: none yet).
     """
-    log_scale, shocks = log_scales(model, x, initial_shocks(model) if shocks is None else shocks)
-    varying = log_scale.shape[0] != 1
-    emissions = Emissions(model.emission, inverse_cholesky(model.emission.cholesky()),
-                          None if varying else log_scale, model.spec.state_shape)
+    static = volatility_log_scales(model)[None, :]
+    shocks, path = model.leverage.log_leverage_path(x, initial_shocks(model) if shocks is None else shocks)
+    emissions = Emissions(model.emission, inverse_cholesky(model.emission.cholesky()), static, model.spec.state_shape,
+                          varying=path is not None)
     return SequenceInputs(
         initial=initial_law(model) if predicted is None else predicted,
-        transitions=transition_matrices(model, x),
-        log_scale=log_scale,
-        rows=(y, log_scale) if varying else y,
+        transitions=inference_transitions(model, x),
+        log_scale=static if path is None else static + path[:, None],
+        rows=y if path is None else (y, path),
         emissions=emissions,
         shocks=shocks,
     )

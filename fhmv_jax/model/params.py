@@ -69,6 +69,10 @@ class AbstractBlock(eqx.Module):
         """The block of stored arrays (every field of ``raw_shapes``)."""
         return cls(**cls.static_fields(spec), **{name: arrays[name] for name in cls.raw_shapes(spec)})
 
+    def fixed_fields(self) -> tuple[str, ...]:
+        """The array fields held fixed by the spec (not estimated), e.g. zero means."""
+        return ()
+
     def raw_arrays(self) -> dict[str, Array | None]:
         """Every array field by name, ``None`` where unused."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("static")}

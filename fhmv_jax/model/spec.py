@@ -35,6 +35,8 @@ class ModelSpec:
         scale_mask: optional D flags; the volatility scale applies only to flagged features.
         driver_feature: optional feature index used as the driver x when none is given.
         dof_bounds: (lower, upper) bounds of the degrees of freedom nu.
+        zero_mean: every component mean is fixed at zero (the published FHMV of daily returns, MODEL.md
+            section 7); with D > 1 it applies to every feature, so use it only for centred series.
     """
 
     num_features: int = 10
@@ -50,6 +52,7 @@ class ModelSpec:
     scale_mask: tuple[bool, ...] | None = None
     driver_feature: int | None = None
     dof_bounds: tuple[float, float] = (2.01, 100.0)
+    zero_mean: bool = False
 
     def __post_init__(self):
         for name, minimum in (
@@ -63,6 +66,9 @@ class ModelSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"ModelSpec.{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("tied_persistence", "gaussian", "zero_mean"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelSpec.{name} must be True or False, got {getattr(self, name)!r}")
         if self.leverage not in _LEVERAGE_MODES:
             raise ValueError(f"ModelSpec.leverage must be one of {_LEVERAGE_MODES}, got {self.leverage!r}")
         if self.jump_mode not in _JUMP_MODES:

@@ -1,0 +1,112 @@
+"""Is a fit a maximum? The score of the penalised log-likelihood and the gain a Newton step would still make.
+
+EM's own stopping rule (the gain of one iteration) stops early where EM crawls: along directions
+where the E-step cannot tell two parameters apart (a jump probability against the jump size) one
+iteration gains little while many would gain much. ``check_score`` measures what is left instead:
+the gradient in the unconstrained coordinates (``FHMV.raw_arrays``) and the gain of a Newton step: over
+every coordinate for small models, else restricted to one direction per parameter array (the score's
+part in that array), which misses the slow directions inside an array. The curvature
+in those directions comes from central differences of the gradient, so no second program is
+compiled; its error, O(eps^2), is far below the tolerance it is compared with.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from .._types import Array, Scalar
+from ..model.fhmv import FHMV
+from .loop import batch_objective
+from .m_step import CovariancePrior
+
+
+class ScoreCheck(NamedTuple):
+    """The state of a fit's first-order conditions.
+
+    Attributes:
+        score: {unconstrained array name: gradient of the penalised log-likelihood}, unused and fixed arrays
+            (``FHMV.fixed_arrays``) left out.
+        norm: the score's norm.
+        remaining_gain: the gain per step that a Newton step in the span of the per-array score parts
+            predicts (0.5 g^T (-H)^{-1} g there); ``inf`` where the curvature says the point is no maximum.
+    """
+
+    score: dict[str, np.ndarray]
+    norm: float
+    remaining_gain: float
+
+
+def _penalised(raw: dict[str, Array | None], spec, y: Array, x: Array | None, mask: Array, prior: CovariancePrior,
+               block_steps: int | None) -> Scalar:
+    """The penalised log-likelihood as a function of the unconstrained arrays ``raw`` (``FHMV.raw_arrays``)."""
+    info = batch_objective(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, block_steps)
+    return info.log_likelihood + info.log_prior
+
+
+_score = eqx.filter_jit(eqx.filter_grad(_penalised))
+_CURVATURE_FLOOR = 1e-10
+
+
+def _difference_step(dtype) -> float:
+    """The central-difference step in unconstrained coordinates: about eps^(1/3)."""
+    return 1e-4 if dtype == jnp.float64 else 1e-2
+
+
+_FULL_DIRECTIONS = 64
+"""Up to this many free coordinates, every coordinate is a direction (the whole Newton step)."""
+
+
+def _directions(score: dict[str, Array], names: list[str]) -> list[dict[str, Array]]:
+    """Unit directions {array name: direction part}: every coordinate that carries score when there are at most
+    ``_FULL_DIRECTIONS`` of them, else the score's part in each array."""
+    sizes = {k: int(np.size(score[k])) for k in names}
+    if sum(sizes.values()) <= _FULL_DIRECTIONS:
+        return [{k: jnp.zeros_like(score[k]).reshape(-1).at[i].set(1.0).reshape(score[k].shape)}
+                for k in names for i in range(sizes[k]) if float(np.ravel(score[k])[i]) != 0.0]
+    return [{k: score[k] / jnp.sqrt(jnp.sum(score[k] ** 2))} for k in names if float(jnp.sum(score[k] ** 2)) > 0]
+
+
+def check_score(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, *,
+                block_steps: int | None = None) -> ScoreCheck:
+    """The score of ``model`` on padded sequences and the gain per step a Newton step would still make.
+
+    The directions d_k are the coordinates that carry score (small models, up to 64 of them: the full Newton
+    step) or the score's part in each array (normalised). The restricted Hessian H_kl = d_k^T H d_l comes from
+    H d_k = (g(theta + h d_k) - g(theta - h d_k)) / 2h; its eigenvalues below 1e-10 of the largest are
+    raised to that floor, so a flat or upward direction that still carries score counts as a large gain.
+    """
+    spec = model.spec
+    raw = model.raw_arrays()
+
+    fixed = model.fixed_arrays()
+
+    def gradient(point):
+        score = _score(point, spec, y, x, mask, prior, block_steps)
+        return {k: g for k, g in score.items() if g is not None and k not in fixed}
+
+    score = gradient(raw)
+    names = list(score)
+    flat_score = np.concatenate([np.ravel(score[k]) for k in names]) if names else np.zeros(0)
+    norm = float(np.linalg.norm(flat_score))
+    if not np.isfinite(norm):
+        return ScoreCheck({k: np.asarray(g) for k, g in score.items()}, norm, float("inf"))
+    directions = _directions(score, names)
+    h = _difference_step(model.dtype)
+    columns = []
+    for direction in directions:
+        plus = gradient({k: raw[k] + h * direction[k] if k in direction else raw[k] for k in raw})
+        minus = gradient({k: raw[k] - h * direction[k] if k in direction else raw[k] for k in raw})
+        columns.append([float(sum(jnp.sum((plus[k] - minus[k]) * d[k]) for k in d)) / (2 * h) for d in directions])
+    slopes = np.asarray([float(sum(jnp.sum(score[k] * d[k]) for k in d)) for d in directions])
+    remaining = 0.0
+    if directions:
+        hessian = np.asarray(columns)
+        eigvals, eigvecs = np.linalg.eigh(-0.5 * (hessian + hessian.T))
+        floor = _CURVATURE_FLOOR * max(float(np.max(np.abs(eigvals))), np.finfo(float).tiny)
+        coefficients = eigvecs.T @ slopes
+        remaining = 0.5 * float(np.sum(coefficients**2 / np.maximum(eigvals, floor))) / int(mask.sum())
+    return ScoreCheck({k: np.asarray(g) for k, g in score.items()}, norm, remaining)
