@@ -109,12 +109,12 @@ def _loads_both_ways(old, new, y, x):
 @pytest.mark.parametrize("spec", [TINY_SPECS["markov"], dataclasses.replace(TINY_SPECS["family-mask-gaussian"],
                                                                            leverage="markov", gaussian=False)])
 def test_volatility_loads_from_state_moments_equal_the_loads_from_data(rng, spec):
-    """The scale update's loads sum_t tau E[W] delta'(y_t) under new means and covariances, from the
+    """The scale update's loads sum_t tau E[W] delta'(y_t) per component, under new means and covariances, from the
     per-sub-state moments, equal those summed step by step from the smoothed posterior and the observations."""
     old = fhmv_jax.FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
     new = fhmv_jax.FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
     y, x = jnp.asarray(rng.normal(size=(60, spec.num_features)) * 1.5), jnp.asarray(rng.normal(scale=0.5, size=60))
     from_moments, from_data = _loads_both_ways(old, new, y, x)
-    assert len(from_moments) == len(from_data) == (1 if spec.scale_mask is None else 2)
+    assert len(from_moments) == len(from_data) == (1 if spec.scale_mask is None else 3)
     for got, want in zip(from_moments, from_data, strict=True):
         np.testing.assert_allclose(got, np.sum(want, axis=0), rtol=1e-10)
