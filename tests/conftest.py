@@ -1,7 +1,8 @@
 """Run JAX strictly in every test: float64, no implicit rank or dtype promotion.
 
-Compiled programs persist in ``.pytest_cache/jax`` (JAX's compilation cache), shared by the two
-xdist workers and the entry-point subprocesses, which compile many of the same programs.
+Compiled programs persist in ``.pytest_cache/jax/<xdist worker>`` (JAX's compilation cache), one directory per
+worker, shared with the entry-point subprocesses it starts: two workers reading and writing the same entries
+at once crashed JAX's cache (an abort in a read, a segfault in a write) on a fresh clone.
 """
 
 import os
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"
+CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax" / os.environ.get("PYTEST_XDIST_WORKER", "main")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
