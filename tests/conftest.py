@@ -1,8 +1,9 @@
 """Run JAX strictly in every test: float64, no implicit rank or dtype promotion.
 
-Compiled programs persist in ``.pytest_cache/jax/<xdist worker>`` (JAX's compilation cache), one directory per
-worker, shared with the entry-point subprocesses it starts: two workers reading and writing the same entries
-at once crashed JAX's cache (an abort in a read, a segfault in a write) on a fresh clone.
+Compiled programs persist in ``.pytest_cache/jax/process-<pid>`` (JAX's compilation cache), one directory per
+test process (xdist worker), shared with the entry-point subprocesses it starts: two workers reading and
+writing the same entries at once crashed JAX's cache (an abort in a read, a segfault in a write) on a fresh
+clone. (The worker's name is not yet set when this module is imported, hence the process id.)
 """
 
 import os
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax" / os.environ.get("PYTEST_XDIST_WORKER", "main")
+CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax" / f"process-{os.getpid()}"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
