@@ -35,7 +35,7 @@ def published_spec(num_chains: int) -> fhmv_jax.ModelSpec:
 def direct_maximum(model: fhmv_jax.FHMV, y: np.ndarray, x: np.ndarray | None = None) -> tuple[float, int]:
     """max log_likelihood(y, x) over the free unconstrained arrays by L-BFGS from ``model``: (value, iterations)."""
     spec, arrays = model.spec, model.raw_arrays()
-    free = [k for k, v in arrays.items() if v is not None and k not in model.fixed_arrays()]
+    free = list(model.free_arrays())
     shapes = [np.shape(arrays[k]) for k in free]
     sizes = [int(np.prod(s)) for s in shapes]
     observations, driver = jnp.asarray(y), None if x is None else jnp.asarray(x)

@@ -108,8 +108,7 @@ def test_fit_em_reaches_the_maximum_and_recovers_the_truth(name):
     prior = CovariancePrior(jnp.asarray(1e-2, dtype), jnp.asarray(1e-2, dtype))
     yb, xb, mask = check_sequences(spec, y, x, None, dtype=dtype)
     fitted_raw = fit.model.raw_arrays()
-    names = [k for k, v in fitted_raw.items() if v is not None and k not in fit.model.fixed_arrays()
-             and k not in ("initial_logits", "transition_logits", "log_weights")]
+    names = [k for k in fit.model.free_arrays() if k not in ("initial_logits", "transition_logits", "log_weights")]
     shapes = [np.shape(fitted_raw[k]) for k in names]
     value_and_score = _objective_and_score(spec, yb, xb, mask, prior, fitted_raw, names, shapes)
 

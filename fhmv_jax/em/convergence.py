@@ -29,7 +29,7 @@ class ScoreCheck(NamedTuple):
 
     Attributes:
         score: {unconstrained array name: gradient of the penalised log-likelihood}, unused and fixed arrays
-            (``FHMV.fixed_arrays``) left out.
+            (those not in ``FHMV.free_arrays``) left out.
         norm: the score's norm.
         remaining_gain: the gain per step that a Newton step in the span of the per-array score parts
             predicts (0.5 g^T (-H)^{-1} g there); ``inf`` where the curvature says the point is no maximum.
@@ -79,14 +79,11 @@ def check_score(model: FHMV, y: Array, x: Array | None, mask: Array, prior: Cova
     H d_k = (g(theta + h d_k) - g(theta - h d_k)) / 2h; its eigenvalues below 1e-10 of the largest are
     raised to that floor, so a flat or upward direction that still carries score counts as a large gain.
     """
-    spec = model.spec
-    raw = model.raw_arrays()
-
-    fixed = model.fixed_arrays()
+    spec, raw, free = model.spec, model.raw_arrays(), model.free_arrays()
 
     def gradient(point):
         score = _score(point, spec, y, x, mask, prior, block_steps)
-        return {k: g for k, g in score.items() if g is not None and k not in fixed}
+        return {k: g for k, g in score.items() if k in free}
 
     score = gradient(raw)
     names = list(score)

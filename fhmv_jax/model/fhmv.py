@@ -246,9 +246,10 @@ class FHMV(eqx.Module):
             arrays |= block.raw_arrays()
         return arrays
 
-    def fixed_arrays(self) -> tuple[str, ...]:
-        """The names of the arrays of ``raw_arrays()`` that the spec holds fixed (not free parameters)."""
-        return tuple(name for block in self.blocks().values() for name in block.fixed_fields())
+    def free_arrays(self) -> dict[str, Array]:
+        """The arrays of ``raw_arrays()`` that hold free parameters: used by the spec and not held fixed."""
+        fixed = {name for block in self.blocks().values() for name in block.fixed_fields()}
+        return {name: a for name, a in self.raw_arrays().items() if a is not None and name not in fixed}
 
     def natural_parameters(self) -> dict[str, Array]:
         """Constrained parameter values; keys the spec does not use are absent (ARCHITECTURE.md)."""
