@@ -1,9 +1,9 @@
 """Run JAX strictly in every test: float64, no implicit rank or dtype promotion.
 
-Compiled programs persist in ``.pytest_cache/jax/process-<pid>`` (JAX's compilation cache), one directory per
-test process (xdist worker), shared with the entry-point subprocesses it starts: two workers reading and
-writing the same entries at once crashed JAX's cache (an abort in a read, a segfault in a write) on a fresh
-clone. (The worker's name is not yet set when this module is imported, hence the process id.)
+Compiled programs persist in ``$FHMV_TEST_CACHE_ROOT/<worker>`` (JAX's compilation cache; the root defaults
+to ``.pytest_cache/jax``), one directory per xdist worker, shared with the entry-point subprocesses it starts:
+two workers reading and writing the same entries at once crashed JAX's cache (an abort in a read, a segfault in
+a write) on a fresh clone. The worker's name is known from ``pytest_configure`` on, before anything compiles.
 """
 
 import os
@@ -13,10 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax" / f"process-{os.getpid()}"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
+ROOT = Path(os.environ.get("FHMV_TEST_CACHE_ROOT", Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_enable_x64", True)
@@ -24,6 +22,13 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 import fhmv_jax  # noqa: E402
+
+
+def pytest_configure(config):
+    """Point JAX's compilation cache (and the subprocesses' environment) at this worker's own directory."""
+    directory = str(ROOT / getattr(config, "workerinput", {}).get("workerid", "main"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 @pytest.fixture

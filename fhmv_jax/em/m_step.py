@@ -333,6 +333,8 @@ def scale_problem(old: FHMV, model: FHMV, stats: StateMoments | StepMoments, cou
         moments = _summed(stats)
         loads = state_loads(mixture, moments, mixture.means - old.emission.means, inv_chol)
         state_counts = moments.counts
+    state_totals = jnp.sum(state_counts.reshape(-1, state_counts.shape[-1]), axis=0)
+    step_totals = jnp.sum(state_counts, axis=-1) if time_varying else None
     exponents = scale_exponents(mixture)
     half_dim, D = 0.5 * mixture.num_scaled_features, mixture.num_features
     trace_precision = jnp.sum(inv_chol**2, axis=(-2, -1))
@@ -346,17 +348,21 @@ def scale_problem(old: FHMV, model: FHMV, stats: StateMoments | StepMoments, cou
         return jax.vmap(lambda xb: block.log_leverage_path(xb, initial_shocks(model))[1])(stats.driver)
 
     def terms(values, path):
-        """Q as a function of the other magnitudes and kappa, and of the log leverage path (or ``None``)."""
+        """Q as a function of the other magnitudes and kappa, and of the log leverage path (or ``None``).
+
+        log s_t(v) = log s(v) + log L_t, so every load is contracted over v with s(v)^{-e} first: the [B, T]
+        path and the parameters' tangents never meet a per-state array."""
         log_s = volatility_log_scales(model.with_magnitudes(magnitudes | values["magnitudes"]))
-        if path is not None:
-            log_s = log_s.reshape((1,) * path.ndim + log_s.shape) + path[..., None]
         kappa = values["covariance_scale"]
-        factor = jnp.exp(-kappa)[..., None]
-        value = -half_dim * jnp.sum(state_counts * log_s) - 0.5 * D * jnp.sum((counts + prior.count) * kappa)
-        value = value - 0.5 * prior.ridge * jnp.sum(factor[..., 0] * trace_precision)
-        factor = factor.reshape((1,) * (loads[0].ndim - 3) + factor.shape)
+        value = -half_dim * jnp.sum(state_totals * log_s) - 0.5 * D * jnp.sum((counts + prior.count) * kappa)
+        value = value - 0.5 * prior.ridge * jnp.sum(jnp.exp(-kappa) * trace_precision)
+        if path is not None:
+            value = value - half_dim * jnp.sum(step_totals * path)
         for e, load in zip(exponents, loads, strict=True):
-            value = value - 0.5 * jnp.sum(load * factor * jnp.exp(-e * log_s)[..., None, None, :])
+            contracted = load @ jnp.exp(-e * log_s)
+            if path is not None:
+                contracted = jnp.sum(contracted * jnp.exp(-e * path)[..., None, None], axis=(0, 1))
+            value = value - 0.5 * jnp.sum(jnp.exp(-kappa) * contracted)
         return value
 
     def objective(values):
