@@ -4,6 +4,11 @@ Compiled programs persist in ``$FHMV_TEST_CACHE_ROOT/<worker>`` (JAX's compilati
 to ``.pytest_cache/jax``), one directory per xdist worker, shared with the entry-point subprocesses it starts:
 two workers reading and writing the same entries at once crashed JAX's cache (an abort in a read, a segfault in
 a write) on a fresh clone. The worker's name is known from ``pytest_configure`` on, before anything compiles.
+
+Every compiled program holds a few memory mappings of its machine code (one spec's ``init_model`` and
+``fit_em``: about 180 programs, 2,700 mappings), and a worker that keeps every program of the suite passes
+the kernel's limit of 65,530 and crashes inside XLA. So compiled programs are released after each test module;
+a later module that needs one again loads it from the worker's cache directory.
 """
 
 import os
@@ -29,6 +34,12 @@ def pytest_configure(config):
     directory = str(ROOT / getattr(config, "workerinput", {}).get("workerid", "main"))
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
     jax.config.update("jax_compilation_cache_dir", directory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    yield
+    jax.clear_caches()
 
 
 @pytest.fixture

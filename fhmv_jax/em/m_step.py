@@ -118,7 +118,8 @@ def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS
         return _LocalModel(grad, eigvals, eigvecs)
 
     def _trial(carry):
-        flat, value, local, damping, _, _, step = carry
+        flat, value, local, stale, damping, _, _, step = carry
+        local = jax.lax.cond(stale, local_model, lambda _: local, flat)
         coefficients = local.eigvecs.T @ local.grad
         norm = jnp.linalg.norm(local.grad)
         scale = jnp.maximum(jnp.maximum(jnp.max(jnp.abs(local.eigvals)), norm / _TRUST_RADIUS), tiny)
@@ -132,17 +133,18 @@ def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS
         accept = (gain > 0) | (settled & (gain >= -tolerance))
         flat = jnp.where(accept, flat + trial, flat)
         value = jnp.where(accept, candidate, value)
-        local = jax.lax.cond(accept & ~settled, local_model, lambda _: local, flat)
         damping = jnp.where(accept, jnp.maximum(damping / 10, _MIN_DAMPING), damping * 10)
         stalled = ~accept & (damping > _MAX_DAMPING)
-        return flat, value, local, damping, (accept & settled) | stalled, stalled, step + 1
+        return flat, value, local, accept & ~settled, damping, (accept & settled) | stalled, stalled, step + 1
 
     def _running(carry):
-        return ~carry[4] & (carry[6] < max_steps)
+        return ~carry[5] & (carry[7] < max_steps)
 
-    initial = (flat, f(flat), local_model(flat), jnp.asarray(_MIN_DAMPING, dtype), jnp.array(False),
+    size = flat.shape[0]
+    unknown = _LocalModel(jnp.zeros(size, dtype), jnp.zeros(size, dtype), jnp.zeros((size, size), dtype))
+    initial = (flat, f(flat), unknown, jnp.array(True), jnp.asarray(_MIN_DAMPING, dtype), jnp.array(False),
                jnp.array(False), 0)
-    flat, _, local, _, _, stalled, _ = jax.lax.while_loop(_running, _trial, initial)
+    flat, _, local, _, _, _, stalled, _ = jax.lax.while_loop(_running, _trial, initial)
     return Ascent(unravel(flat), stalled, jnp.linalg.norm(local.grad))
 
 
