@@ -8,6 +8,10 @@ Data are sampled from known parameters; ``fit_em`` starts from ``init_model``. T
 - **recovery**: every free unconstrained coordinate is within 4 standard errors of the truth, the
   standard errors from the observed information at the fit (central differences of the exact score).
   Under asymptotic normality a 4-sigma miss has probability 6e-5 per coordinate; the seeds are fixed.
+  Markov leverage is the exception: at T = 3000 its logistic regression on a latent state is far from that
+  regime (L-BFGS maxima of six samples missed the truth's raw leverage logits by up to 11 and theta_m by up
+  to 5.5, curvature or not), so there the claim is the likelihood-ratio one, which needs no quadratic
+  shape: 2 (l(fit) - l(truth)) is below the chi-square quantile at 1 - 6e-5 for the free coordinates.
   Coordinates the objective does not use (the upper triangle of the Cholesky storage) are left out; a
   direction whose curvature is below 1e-4 of the largest (flat: the data cannot tell it, and EM stops at
   its tolerance there, where the curvature may even be slightly negative) gets that floor,
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.stats
 
 from fhmv_jax import FHMV, ModelSpec, fit_em, init_model
 from fhmv_jax.em.convergence import _score
@@ -132,4 +137,8 @@ def test_fit_em_reaches_the_maximum_and_recovers_the_truth(name):
     deviation = np.abs(estimate - flat(truth))[used] / errors
     labels = [f"{n}[{i}]" for n, s in zip(names, shapes, strict=True) for i in range(int(np.prod(s)))]
     labels = [label for label, keep in zip(labels, used, strict=True) if keep]
-    assert np.all(deviation < 4.0), dict(zip(labels, np.round(deviation, 2), strict=True))
+    if spec.leverage == "markov":
+        ratio = 2 * (fit.objectives[-1] - value_and_score(flat(truth))[0])
+        assert ratio < scipy.stats.chi2.ppf(1 - 6e-5, df=int(np.sum(used))), ratio
+    else:
+        assert np.all(deviation < 4.0), str(dict(zip(labels, np.round(deviation, 2).tolist(), strict=True)))
