@@ -16,6 +16,7 @@ log-likelihood never decreases:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -349,70 +350,106 @@ def scale_problem(old: FHMV, model: FHMV, stats: StateMoments | StepMoments, cou
         block = model.leverage.replace(**values)
         return jax.vmap(lambda xb: block.log_leverage_path(xb, initial_shocks(model))[1])(stats.driver)
 
-    def terms(values, path):
-        """Q as a function of the other magnitudes and kappa, and of the log leverage path (or ``None``).
+    def log_scales(values):
+        """[V] log s(v), the time-invariant part of the log-scales, at the magnitudes of ``values``."""
+        return volatility_log_scales(model.with_magnitudes(magnitudes | values["magnitudes"]))
 
-        log s_t(v) = log s(v) + log L_t, so every load is contracted over v with s(v)^{-e} first: the [B, T]
-        path and the parameters' tangents never meet a per-state array."""
-        log_s = volatility_log_scales(model.with_magnitudes(magnitudes | values["magnitudes"]))
+    def weighted_loads(path):
+        """Per exponent e, [G, K, V] the loads summed over steps with weights L_t^{-e} (as they are when the
+        scales do not vary in time): every term of Q that mixes loads and parameters is linear in them."""
+        if path is None:
+            return loads
+        return [jnp.einsum("bt,btgkv->gkv", jnp.exp(-e * path), load) for e, load in zip(exponents, loads, strict=True)]
+
+    def terms(values, weighted):
+        """Q as a function of the other magnitudes and kappa, given ``weighted_loads``; without the path's own
+        term -(D_s / 2) sum_t n_t log L_t."""
+        log_s = log_scales(values)
         kappa = values["covariance_scale"]
         value = -half_dim * jnp.sum(state_totals * log_s) - 0.5 * D * jnp.sum((counts + prior.count) * kappa)
         value = value - 0.5 * prior.ridge * jnp.sum(jnp.exp(-kappa) * trace_precision)
-        if path is not None:
-            value = value - half_dim * jnp.sum(step_totals * path)
-        for e, load in zip(exponents, loads, strict=True):
-            contracted = load @ jnp.exp(-e * log_s)
-            if path is not None:
-                contracted = jnp.sum(contracted * jnp.exp(-e * path)[..., None, None], axis=(0, 1))
-            value = value - 0.5 * jnp.sum(jnp.exp(-kappa) * contracted)
+        for e, load in zip(exponents, weighted, strict=True):
+            value = value - 0.5 * jnp.sum(jnp.exp(-kappa) * (load @ jnp.exp(-e * log_s)))
         return value
 
     def objective(values):
         static, lever = values
-        return terms(static, log_path(lever) if time_varying else None)
+        if not time_varying:
+            return terms(static, loads)
+        path = log_path(lever)
+        return terms(static, weighted_loads(path)) - half_dim * jnp.sum(step_totals * path)
 
     start = ({"magnitudes": others, "covariance_scale": jnp.zeros_like(counts)}, leverage)
-    return ScaleProblem(objective, start, _composite_derivatives(start, terms, log_path) if time_varying else None)
+    if not time_varying:
+        return ScaleProblem(objective, start, None)
+    pieces = _ScalePieces(terms, weighted_loads, log_path, log_scales, loads, exponents, half_dim * step_totals)
+    return ScaleProblem(objective, start, functools.partial(_composite_derivatives, start, pieces))
 
 
-def _composite_derivatives(start: tuple, terms: Callable, log_path: Callable) -> Callable:
-    """Gradient and Hessian of Q(w, u) = q(w, p(u)) in the flat coordinates of ``start`` = (w, u), where the
-    path p = [B, T] log L_t is a scan over time and q is separable in its steps.
+class _ScalePieces(NamedTuple):
+    """What ``_composite_derivatives`` needs of a time-varying ``scale_problem``."""
+
+    terms: Callable
+    weighted_loads: Callable
+    log_path: Callable
+    log_scales: Callable
+    loads: list[Array]
+    exponents: tuple[float, ...]
+    path_counts: Array
+
+
+def _composite_derivatives(start: tuple, pieces: _ScalePieces, flat: Array) -> tuple[Array, Array]:
+    """Gradient and Hessian of Q(w, u) = q(w, p(u)) at ``flat`` (the flat coordinates of ``start`` = (w, u)),
+    where the path p = [B, T] log L_t is a scan over time and q is separable in its steps.
 
     Forward-mode through the scan gives p, J = dp/du and K = d^2p/du^2 for the few leverage parameters u;
-    then g_u = sum_t q_p J, H_uu = sum_t (q_pp J J^T + q_p K), H_wu = sum_t q_wp J^T. This avoids
-    differentiating the scan in reverse mode for every parameter (jax.hessian), the M-step's dearest part.
+    then g_u = sum_t q_p J, H_uu = sum_t (q_pp J J^T + q_p K), H_wu = sum_t q_wp J^T. The loads are read twice:
+    summed over steps with the path's weights (q's derivatives in w, by autodiff of ``terms``), and contracted
+    per step with s(v)^{-e} and its w-derivatives in one matrix product (q_p, q_pp and q_wp in closed form:
+    the load terms are -1/2 sum exp(-kappa) L_t^{-e} A_t(w), A_t = sum_v load_t(v) s(v)^{-e}).
     """
     static_flat, unravel_static = ravel_pytree(start[0])
-    lever_flat, unravel_lever = ravel_pytree(start[1])
-    split = static_flat.shape[0]
+    _, unravel_lever = ravel_pytree(start[1])
+    w, u = flat[: static_flat.shape[0]], flat[static_flat.shape[0] :]
 
     def path(u):
-        return log_path(unravel_lever(u))
-
-    def q(w, p):
-        return terms(unravel_static(w), p)
+        return pieces.log_path(unravel_lever(u))
 
     def with_jacobian(u):
         jacobian = jax.jacfwd(path)(u)
         return jacobian, (jacobian, path(u))
 
-    def derivatives(flat):
-        w, u = flat[:split], flat[split:]
-        second, (jacobian, p) = jax.jacfwd(with_jacobian, has_aux=True)(u)
-        slope_p = jax.grad(q, argnums=1)
-        q_p = slope_p(w, p)
-        q_pp = jax.grad(lambda p: jnp.sum(slope_p(w, p)))(p)
-        q_wp = jax.jacfwd(slope_p, argnums=0)(w, p)
-        grad_u = jnp.einsum("bt,btu->u", q_p, jacobian)
-        hess_uu = jnp.einsum("bt,btu,btv->uv", q_pp, jacobian, jacobian) + jnp.einsum("bt,btuv->uv", q_p, second)
-        hess_wu = jnp.einsum("btw,btu->wu", q_wp, jacobian)
-        hess_ww = jax.hessian(q)(w, p)
-        grad = jnp.concatenate([jax.grad(q)(w, p), grad_u])
-        hess = jnp.block([[hess_ww, hess_wu], [hess_wu.T, hess_uu]])
-        return grad, hess
+    second, (jacobian, p) = jax.jacfwd(with_jacobian, has_aux=True)(u)
+    weighted = pieces.weighted_loads(p)
 
-    return derivatives
+    def q(w):
+        return pieces.terms(unravel_static(w), weighted)
+
+    def factors(w, e):
+        return jnp.exp(-e * pieces.log_scales(unravel_static(w)))
+
+    per_step = [load @ jnp.concatenate([factors(w, e)[:, None], jax.jacfwd(factors)(w, e)], axis=1)
+                for e, load in zip(pieces.exponents, pieces.loads, strict=True)]
+
+    def slope(v):
+        """q_p [B, T] at (v, p), exact to first order in v - w."""
+        scales = jnp.exp(-unravel_static(v)["covariance_scale"])[None, None]
+        total = -pieces.path_counts
+        for e, products in zip(pieces.exponents, per_step, strict=True):
+            contracted = products[..., 0] + products[..., 1:] @ (v - w)
+            total = total + 0.5 * e * jnp.exp(-e * p) * jnp.sum(scales * contracted, axis=(-2, -1))
+        return total
+
+    scales = jnp.exp(-unravel_static(w)["covariance_scale"])[None, None]
+    q_p, q_wp = slope(w), jax.jacfwd(slope)(w)
+    q_pp = sum(-0.5 * e**2 * jnp.exp(-e * p) * jnp.sum(scales * products[..., 0], axis=(-2, -1))
+               for e, products in zip(pieces.exponents, per_step, strict=True))
+    grad_u = jnp.einsum("bt,btu->u", q_p, jacobian)
+    hess_uu = jnp.einsum("bt,btu,btv->uv", q_pp, jacobian, jacobian) + jnp.einsum("bt,btuv->uv", q_p, second)
+    hess_wu = jnp.einsum("btw,btu->wu", q_wp, jacobian)
+    grad = jnp.concatenate([jax.grad(q)(w), grad_u])
+    hess = jnp.block([[jax.hessian(q)(w), hess_wu], [hess_wu.T, hess_uu]])
+    return grad, hess
 
 
 def _leverage_inputs(stats: LeverageStats) -> tuple[Array, Array, Array]:
