@@ -7,6 +7,7 @@ JAX computes in float32, the usual choice on GPUs (``FHMV.astype`` casts a model
 
 from ._version import __version__
 from .data import Standardizer
+from .diagnostics import InformationCriteria, information_criteria
 from .em import FitResult, em_step, fit_em, init_model
 from .eval import RegimePrediction, predict_regimes
 from .io import ModelFileError, SavedModel, load, save
@@ -30,6 +31,7 @@ __all__ = [
     "Factors",
     "FilterResult",
     "FitResult",
+    "InformationCriteria",
     "ModelFileError",
     "ModelSpec",
     "RegimePrediction",
@@ -43,6 +45,7 @@ __all__ = [
     "em_step",
     "enable_x64",
     "fit_em",
+    "information_criteria",
     "init_model",
     "init_stream",
     "load",

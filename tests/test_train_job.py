@@ -45,6 +45,12 @@ def test_job_writes_every_output_with_the_documented_metrics(job):
     for key in ("accuracy", "log_likelihood_per_step", "oracle_accuracy", "confusion_matrix", "precision", "recall"):
         assert key in written["test"]
     assert "accuracy" in written["train"]
+    train = written["train"]
+    criteria = train["information_criteria"]
+    assert criteria["num_observations"] == train["num_steps"]
+    assert criteria["log_likelihood"] == pytest.approx(train["log_likelihood_per_step"] * train["num_steps"], rel=1e-9)
+    assert criteria["bic"] == pytest.approx(-2 * criteria["log_likelihood"] + criteria["num_parameters"]
+                                            * np.log(train["num_steps"]), rel=1e-12)
     history = np.asarray(written["log_likelihoods"])
     assert len(history) == written["num_iters"] + 1 + len(written["split_merges"])
     cuts = [0] + [move["iteration"] + 1 for move in written["split_merges"]] + [len(history)]
