@@ -327,6 +327,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
     prediction = predict_raw(saved, data.raw[num_train + 1 :], ambiguity_threshold=cfg.eval.ambiguity_threshold)
     check_reload(saved, y_test, before, prediction)
 
+    train_criteria = fhmv_jax.information_criteria(model, y_train)
     metrics = {
         "regime_naming": naming,
         "regime_means": {name: dict(zip(data.feature_names, map(float, row), strict=True))
@@ -340,9 +341,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
         "fit_seconds": fit_seconds,
         "regime_names": list(names),
         "factor_parameters": factor_parameters(model),
-        "train": {"num_steps": num_train,
-                  "log_likelihood_per_step": float(model.log_likelihood(y_train)) / num_train,
-                  "information_criteria": fhmv_jax.information_criteria(model, y_train).to_dict()},
+        "train": {"num_steps": num_train, "log_likelihood_per_step": train_criteria.log_likelihood / num_train,
+                  "information_criteria": train_criteria.to_dict()},
         "test": {"num_steps": num_steps - num_train,
                  "log_likelihood_per_step": float(model.log_likelihood(y_test)) / (num_steps - num_train),
                  "ambiguous_fraction": float(np.mean(prediction.ambiguous))},

@@ -129,9 +129,8 @@ def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS
         floor = jnp.maximum(0.0, -local.eigvals[0]) + _MIN_DAMPING * scale
         shift = _region_shift(local.eigvals, coefficients, floor, radius)
         along = coefficients / (local.eigvals + shift)
-        along = along * jnp.minimum(1.0, radius / jnp.maximum(jnp.linalg.norm(along), tiny))
-        length = jnp.linalg.norm(along)
-        candidate = f(flat + local.eigvecs @ along)
+        length, step_vector = jnp.linalg.norm(along), local.eigvecs @ along
+        candidate = f(flat + step_vector)
         tolerance = rounding * (1 + jnp.abs(value))
         settled = 0.5 * jnp.sum(coefficients**2 / (local.eigvals + floor)) <= tolerance
         gain = candidate - value
@@ -140,7 +139,7 @@ def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS
         ratio = gain / jnp.maximum(predicted, tiny)
         grown = jnp.where((ratio > 0.75) & (length >= 0.99 * radius), jnp.minimum(2 * radius, _TRUST_RADIUS), radius)
         radius = jnp.where(accept, jnp.where(ratio < 0.25, 0.25 * radius, grown), 0.25 * length)
-        flat = jnp.where(accept, flat + local.eigvecs @ along, flat)
+        flat = jnp.where(accept, flat + step_vector, flat)
         value = jnp.where(accept, candidate, value)
         stalled = ~accept & (radius < _MIN_RADIUS * (1 + jnp.linalg.norm(flat)))
         return flat, value, local, accept & ~settled, radius, (accept & settled) | stalled, stalled, step + 1
