@@ -7,8 +7,16 @@ JAX computes in float32, the usual choice on GPUs (``FHMV.astype`` casts a model
 
 from ._version import __version__
 from .data import Standardizer
-from .diagnostics import InformationCriteria, information_criteria
-from .em import FitResult, em_step, fit_em, init_model
+from .diagnostics import (
+    InformationCriteria,
+    Score,
+    StandardErrors,
+    hessian,
+    information_criteria,
+    score,
+    standard_errors,
+)
+from .em import FitResult, em_step, fit_em, fit_gradient, init_model
 from .eval import RegimePrediction, predict_regimes
 from .io import ModelFileError, SavedModel, load, save
 from .model import (
@@ -36,8 +44,10 @@ __all__ = [
     "ModelSpec",
     "RegimePrediction",
     "Sample",
+    "Score",
     "SavedModel",
     "SmoothResult",
+    "StandardErrors",
     "Standardizer",
     "StreamOutput",
     "StreamState",
@@ -45,12 +55,16 @@ __all__ = [
     "em_step",
     "enable_x64",
     "fit_em",
+    "fit_gradient",
+    "hessian",
     "information_criteria",
     "init_model",
     "init_stream",
     "load",
     "predict_regimes",
     "save",
+    "score",
+    "standard_errors",
     "stream_filter",
     "stream_step",
 ]

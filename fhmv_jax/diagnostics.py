@@ -1,4 +1,19 @@
-"""Diagnostics of a fitted model: information criteria for choosing a model's size.
+"""Diagnostics of a fitted model: scores, standard errors and information criteria, by exact autodiff.
+
+Coordinates. The model stores unconstrained arrays (``FHMV.raw_arrays``); its free ones (``FHMV.free_arrays``),
+flattened in sorted name order, are the coordinates theta of ``score``. Some directions in theta change nothing
+(a softmax's logits shifted together, the unused upper triangle of a Cholesky factor), and a parameter at a
+bound of its range (a probability at 0 or 1, nu at ``dof_bounds``) or a mixture component with almost no data
+has no information. ``standard_errors`` therefore works in the identified directions V [P, k]: an orthonormal
+basis of the directions that move the natural parameters (the row space of their Jacobian J = d natural / d theta)
+and leave every flagged natural parameter where it is. With A = -V^T H V the observed information there, and
+B = sum_t (V^T s_t)(V^T s_t)^T the outer product of the per-step scores s_t = d log p(y_t | y_{1:t-1}) / d theta,
+the covariance of phi (theta = theta_hat + V phi) is A^-1 (``hessian``), B^-1 (``opg``) or A^-1 B A^-1
+(``sandwich``); the natural parameters' is (J V) C (J V)^T (the delta method, J by forward-mode autodiff).
+
+Cost. H V comes from Hessian-vector products (forward-over-reverse), ``chunk_size`` directions per call of one
+compiled program; the per-step scores likewise from Jacobian-vector products of the per-step log-likelihoods.
+Nothing of size P x P x T is formed; memory is about ``chunk_size`` times that of one gradient.
 
 n in BIC and HQIC counts the observed time steps (all sequences together), as statsmodels' Markov-switching
 models do: a step's D features are one observation of a dependent series, not D independent ones.
@@ -7,14 +22,25 @@ models do: a step's D features are one observation of a dependent series, not D 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
 
-from .em.loop import batch_objective
+from ._types import Array, Float, Scalar
+from .em.loop import FitResult, batch_objective
 from .em.m_step import CovariancePrior
-from .model.fhmv import FHMV
+from .em.stats import batch_e_step
+from .model.fhmv import FHMV, natural_bounds, natural_shapes, sequence_filter, sequence_log_likelihood
 from .model.inputs import check_sequences
+from .precision import warn_if_float32_on_cpu
+
+KINDS = ("hessian", "opg", "sandwich")
 
 
 class InformationCriteria(NamedTuple):
@@ -66,3 +92,472 @@ def information_criteria(model: FHMV, y, x=None, *, lengths=None) -> Information
     none = CovariancePrior(jnp.zeros((), model.dtype), jnp.zeros((), model.dtype))
     log_likelihood = float(batch_objective(model, ys, xs, mask, none).log_likelihood)
     return criteria(log_likelihood, model.num_free_parameters, int(mask.sum()))
+
+
+# ----------------------------------------------------------------------------------------
+# flat coordinates
+
+
+class FlatLayout(NamedTuple):
+    """How named arrays lie in one flat vector (hashable: a static argument of the jitted programs).
+
+    Attributes:
+        names: the array names, in vector order.
+        shapes: their shapes.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, shapes: dict[str, tuple[int, ...]]) -> FlatLayout:
+        return cls(tuple(shapes), tuple(tuple(s) for s in shapes.values()))
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def ravel(self, arrays: dict[str, Array]) -> Float[Array, " P"]:
+        return jnp.concatenate([jnp.ravel(arrays[name]) for name in self.names])
+
+    def unravel(self, flat: Float[Array, " P"]) -> dict[str, Array]:
+        sizes = [math.prod(s) for s in self.shapes]
+        pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
+        return {name: piece.reshape(shape) for name, shape, piece in zip(self.names, self.shapes, pieces, strict=True)}
+
+    def labels(self) -> tuple[str, ...]:
+        """One label per coordinate: ``"means[2,1,4]"``, or the bare name of a scalar."""
+        return tuple(name if not shape else f"{name}[{','.join(map(str, index))}]"
+                     for name, shape in zip(self.names, self.shapes, strict=True) for index in np.ndindex(*shape))
+
+
+def free_layout(model: FHMV) -> FlatLayout:
+    """The layout of ``model.free_arrays()`` in sorted name order: the coordinates theta."""
+    free = model.free_arrays()
+    return FlatLayout.of({name: free[name].shape for name in sorted(free)})
+
+
+def natural_layout(model: FHMV) -> FlatLayout:
+    """The layout of ``model.natural_parameters()`` (its key order)."""
+    return FlatLayout.of(natural_shapes(model.spec))
+
+
+def model_at(model: FHMV, layout: FlatLayout, theta: Float[Array, " P"]) -> FHMV:
+    """``model`` with its free arrays read from the flat coordinates ``theta`` (the rest kept)."""
+    return FHMV.from_raw_arrays(model.spec, model.raw_arrays() | layout.unravel(theta))
+
+
+# ----------------------------------------------------------------------------------------
+# the compiled programs: value and gradient, Hessian-vector and per-step Jacobian-vector products
+
+
+def _total(theta, model: FHMV, layout: FlatLayout, y, x, mask) -> Scalar:
+    at = model_at(model, layout, theta)
+    return jnp.sum(jax.vmap(lambda yb, xb, mb: sequence_log_likelihood(at, yb, xb, mb))(y, x, mask))
+
+
+def _per_step(theta, model: FHMV, layout: FlatLayout, y, x, mask) -> Float[Array, "B T"]:
+    at = model_at(model, layout, theta)
+    return jax.vmap(lambda yb, xb, mb: sequence_filter(at, yb, xb, mb).step_log_likelihoods)(y, x, mask)
+
+
+_value_and_gradient = eqx.filter_jit(jax.value_and_grad(_total))
+
+
+@eqx.filter_jit
+def _component_counts(model: FHMV, y, x, mask) -> Float[Array, "G K"]:
+    """The expected observations of every mixture component, all sequences together."""
+    return jnp.sum(batch_e_step(model, y, x, mask).components.counts, axis=0)
+
+
+@eqx.filter_jit
+def _hessian_products(theta, tangents: Float[Array, "C P"], model, layout, y, x, mask) -> Float[Array, "C P"]:
+    """H v for every row v of ``tangents`` (forward-over-reverse)."""
+    gradient = jax.grad(lambda t: _total(t, model, layout, y, x, mask))
+    return jax.vmap(lambda v: jax.jvp(gradient, (theta,), (v,))[1])(tangents)
+
+
+@eqx.filter_jit
+def _step_score_products(theta, tangents: Float[Array, "C P"], model, layout, y, x, mask) -> Float[Array, "C B T"]:
+    """s_t^T v for every step t and every row v of ``tangents`` (forward mode)."""
+    return jax.vmap(lambda v: jax.jvp(lambda t: _per_step(t, model, layout, y, x, mask), (theta,), (v,))[1])(tangents)
+
+
+@eqx.filter_jit
+def _natural_jacobian(theta, model: FHMV, layout: FlatLayout, natural: FlatLayout) -> Float[Array, "Q P"]:
+    return jax.jacfwd(lambda t: natural.ravel(model_at(model, layout, t).natural_parameters()))(theta)
+
+
+def _in_chunks(product: Callable[[Array], Array], directions: np.ndarray, chunk_size: int, progress: bool,
+               description: str) -> np.ndarray:
+    """``product`` of the rows of ``directions`` [k, P], ``chunk_size`` rows per call (the last chunk padded with
+    zero rows, so one program serves every chunk), stacked [k, ...]."""
+    k = directions.shape[0]
+    padded = np.zeros((-(-k // chunk_size) * chunk_size, directions.shape[1]), directions.dtype)
+    padded[:k] = directions
+    starts = range(0, padded.shape[0], chunk_size)
+    chunks = [np.asarray(product(jnp.asarray(padded[i:i + chunk_size])))
+              for i in tqdm(starts, desc=description, unit="chunk", disable=not progress, leave=False)]
+    return np.concatenate(chunks)[:k]
+
+
+# ----------------------------------------------------------------------------------------
+# score
+
+
+class Score(NamedTuple):
+    """The gradient of the log-likelihood (no prior) in the unconstrained coordinates.
+
+    Attributes:
+        log_likelihood: log p(y), all sequences.
+        gradient: {free array name (``FHMV.free_arrays``): d log p(y) / d array}.
+        norm: the gradient's norm.
+        labels: [P] the coordinate labels, ``"means[2,1,4]"`` (sorted array names, C order).
+        per_observation: [B, T, P] (or [T, P] for one sequence) d log p(y_t | y_{1:t-1}) / d theta, zero on
+            padding; they sum over steps to the gradient. ``None`` unless asked for.
+    """
+
+    log_likelihood: float
+    gradient: dict[str, np.ndarray]
+    norm: float
+    labels: tuple[str, ...]
+    per_observation: np.ndarray | None = None
+
+
+class _Problem(NamedTuple):
+    """A model and checked data, with its flat coordinates."""
+
+    model: FHMV
+    layout: FlatLayout
+    theta: Array
+    y: Array
+    x: Array | None
+    mask: Array
+    single: bool
+
+    @classmethod
+    def of(cls, model: FHMV, y, x, lengths, what: str) -> _Problem:
+        if not isinstance(model, FHMV):
+            raise TypeError(f"{what} needs an FHMV model (or a FitResult), got {type(model).__name__}")
+        ys, xs, mask = check_sequences(model.spec, y, x, lengths, dtype=model.dtype)
+        warn_if_float32_on_cpu(model.dtype, what)
+        layout = free_layout(model)
+        theta = layout.ravel(model.free_arrays())
+        return cls(model, layout, theta, ys, xs, mask, np.ndim(y) == 2)
+
+    def args(self) -> tuple:
+        return self.model, self.layout, self.y, self.x, self.mask
+
+    def gradient(self) -> tuple[float, np.ndarray]:
+        value, gradient = _value_and_gradient(self.theta, *self.args())
+        return float(value), np.asarray(gradient)
+
+    def hessian_products(self, directions: np.ndarray, chunk_size: int, progress: bool) -> np.ndarray:
+        """[k, P] H v for the rows v of ``directions``."""
+        return _in_chunks(lambda v: _hessian_products(self.theta, v, *self.args()), directions, chunk_size,
+                          progress, "Hessian")
+
+    def step_scores(self, directions: np.ndarray, chunk_size: int, progress: bool) -> np.ndarray:
+        """[k, B, T] s_t^T v for the rows v of ``directions``."""
+        return _in_chunks(lambda v: _step_score_products(self.theta, v, *self.args()), directions, chunk_size,
+                          progress, "per-step scores")
+
+
+def _unwrap(model: FHMV | FitResult, what: str) -> FHMV:
+    """The model of a ``FitResult`` (warning when that fit did not converge), or ``model`` itself."""
+    if isinstance(model, FitResult):
+        if not model.converged:
+            warnings.warn(f"{what}: the fit did not converge, so the model may not be a maximum; the results assume"
+                          " one", UserWarning, stacklevel=3)
+        return model.model
+    return model
+
+
+def score(model: FHMV | FitResult, y, x=None, *, lengths=None, per_observation: bool = False,
+          chunk_size: int = 32, progress: bool = False) -> Score:
+    """The gradient of log p(y) in the unconstrained coordinates, and optionally every step's.
+
+    Args:
+        model: the model (or a ``FitResult``).
+        y: [T, D] or a padded batch [B, T, D]; x: the driver [T] or [B, T] where the leverage mode needs one.
+        lengths: [B] valid steps per sequence (default: all T).
+        per_observation: also return the per-step scores (P forward-mode passes, ``chunk_size`` at a time).
+        chunk_size: directions per compiled call.
+        progress: show a progress bar over the chunks.
+
+    Raises:
+        ValueError: bad observations (as ``fit_em``).
+    """
+    problem = _Problem.of(_unwrap(model, "score"), y, x, lengths, "score")
+    value, gradient = problem.gradient()
+    steps = None
+    if per_observation:
+        steps = np.moveaxis(problem.step_scores(np.eye(gradient.size), chunk_size, progress), 0, -1)
+        steps = steps[0] if problem.single else steps
+    arrays = {k: np.asarray(v) for k, v in problem.layout.unravel(jnp.asarray(gradient)).items()}
+    return Score(value, arrays, float(np.linalg.norm(gradient)), problem.layout.labels(), steps)
+
+
+def hessian(model: FHMV | FitResult, y, x=None, *, lengths=None, chunk_size: int = 32,
+            progress: bool = False) -> np.ndarray:
+    """[P, P] the Hessian of log p(y) in the coordinates of ``score`` (P Hessian-vector products, ``chunk_size``
+    per call). Arguments as ``score``."""
+    problem = _Problem.of(_unwrap(model, "hessian"), y, x, lengths, "hessian")
+    products = problem.hessian_products(np.eye(problem.layout.size), chunk_size, progress)
+    return 0.5 * (products + products.T)
+
+
+# ----------------------------------------------------------------------------------------
+# standard errors
+
+
+class StandardErrors(NamedTuple):
+    """Standard errors of the natural parameters, and what they rest on.
+
+    Attributes:
+        kind: ``"hessian"``, ``"opg"`` or ``"sandwich"``.
+        natural: {key of ``natural_parameters()``: standard errors of its shape}, NaN where none exists (a
+            flagged parameter, one the spec fixes, or every one when the information is not positive definite).
+        estimates: the natural parameters, flattened in ``labels`` order [Q].
+        labels: [Q] ``"means[2,1,4]"`` labels of the natural coordinates.
+        covariance: [Q, Q] covariance of the natural parameters (delta method).
+        raw_labels: [P] labels of the unconstrained coordinates (as ``Score.labels``).
+        raw_covariance: [P, P] covariance of the unconstrained coordinates, V C V^T (zero along the directions
+            that change no parameter).
+        flagged: {natural label: why it has no standard error}: at a bound of its range, or a mixture component
+            with fewer expected observations than ``min_count``. Those are held fixed: the others' standard errors
+            are conditional on them.
+        num_identified: k, the directions the standard errors are computed in.
+        information_eigenvalues: the smallest (up to 5) eigenvalues of the observed information -V^T H V.
+        condition_number: its largest over smallest eigenvalue (inf when not positive).
+        positive_definite: whether the observed information is positive definite (the model a strict local
+            maximum along every identified direction); without it there are no standard errors.
+        newton_gain: the gain per step of log p(y) a Newton step would still make, 0.5 g^T A^-1 g / n (about 0
+            at a maximum; inf when the information is not positive definite).
+        num_observations: n, the observed steps.
+    """
+
+    kind: str
+    natural: dict[str, np.ndarray]
+    estimates: np.ndarray
+    labels: tuple[str, ...]
+    covariance: np.ndarray
+    raw_labels: tuple[str, ...]
+    raw_covariance: np.ndarray
+    flagged: dict[str, str]
+    num_identified: int
+    information_eigenvalues: np.ndarray
+    condition_number: float
+    positive_definite: bool
+    newton_gain: float
+    num_observations: int
+
+    def standard_errors(self) -> np.ndarray:
+        """[Q] the standard errors in ``labels`` order."""
+        return np.concatenate([np.ravel(v) for v in self.natural.values()])
+
+    def table(self, level: float = 0.95) -> list[dict]:
+        """One row per natural coordinate: label, estimate, standard error, z = estimate / se and the Wald
+        interval at ``level`` (NaN where there is no standard error; ``flag`` says why)."""
+        from scipy.stats import norm
+
+        half = norm.ppf(0.5 + level / 2)
+        rows = []
+        for label, estimate, se in zip(self.labels, self.estimates, self.standard_errors(), strict=True):
+            rows.append({"parameter": label, "estimate": float(estimate), "se": float(se),
+                         "z": float(estimate / se) if se > 0 else float("nan"),
+                         "low": float(estimate - half * se), "high": float(estimate + half * se),
+                         "flag": self.flagged.get(label, "")})
+        return rows
+
+
+_SMALLEST = 5
+
+
+def _bound_flags(values: np.ndarray, labels: tuple[str, ...], layout: FlatLayout,
+                 bounds: dict[str, tuple[float, float]], tolerance: float) -> dict[str, str]:
+    """{label: reason} of the natural coordinates within ``tolerance`` (relative to the range's width, or to
+    max(1, |limit|) for a half-line) of a bound."""
+    flags = {}
+    names = np.repeat(np.arange(len(layout.names)), [math.prod(s) for s in layout.shapes])
+    for value, label, name_index in zip(values, labels, names, strict=True):
+        name = layout.names[name_index]
+        if name not in bounds:
+            continue
+        low, high = bounds[name]
+        width = high - low if np.isfinite(high) else max(1.0, abs(low))
+        if value - low <= tolerance * width:
+            flags[label] = f"at its lower bound {low:g}"
+        elif np.isfinite(high) and high - value <= tolerance * width:
+            flags[label] = f"at its upper bound {high:g}"
+    return flags
+
+
+def _sparse_component_flags(model: FHMV, counts: np.ndarray, min_count: float) -> dict[str, str]:
+    """{label: reason} of every natural parameter of a mixture component with fewer than ``min_count`` expected
+    observations (``counts`` [G, K])."""
+    shapes = natural_shapes(model.spec)
+    flags = {}
+    for g, k in zip(*np.nonzero(counts < min_count), strict=True):
+        reason = f"component ({g}, {k}) has {counts[g, k]:.3g} expected observations (< {min_count:g})"
+        for name in ("weights", "means", "covariances", "dof"):
+            if name not in shapes:
+                continue
+            rest = shapes[name][2:]
+            flags |= {f"{name}[{','.join(map(str, (g, k) + index))}]": reason for index in np.ndindex(*rest)}
+    return flags
+
+
+def _orthonormal_rows(matrix: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """(an orthonormal basis of the row space of ``matrix`` [r, P], of its null space [P - r, P]), singular values
+    below ``rtol`` of the largest counting as zero."""
+    _, singular, vt = np.linalg.svd(matrix, full_matrices=True)
+    rank = int(np.sum(singular > rtol * singular.max())) if singular.size and singular.max() > 0 else 0
+    return vt[:rank], vt[rank:]
+
+
+def identified_directions(jacobian: np.ndarray, flagged: np.ndarray, rtol: float) -> np.ndarray:
+    """[k, P] orthonormal directions in theta that move the natural parameters (the row space of ``jacobian``
+    [Q, P]) and keep every flagged one ([Q] bool) fixed."""
+    basis = np.eye(jacobian.shape[1])
+    if flagged.any():
+        rows = jacobian[flagged]
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        _, basis = _orthonormal_rows(rows / np.where(norms > 0, norms, 1.0), rtol)
+    moving, _ = _orthonormal_rows(jacobian[~flagged] @ basis.T, rtol)
+    return moving @ basis
+
+
+def _inverse(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive definite matrix, by Cholesky."""
+    factor = np.linalg.cholesky(matrix)
+    inverse_factor = np.linalg.solve(factor, np.eye(matrix.shape[0]))
+    return inverse_factor.T @ inverse_factor
+
+
+def _positive_definite(eigenvalues: np.ndarray) -> bool:
+    """Positive beyond rounding: the smallest eigenvalue above k eps times the largest."""
+    return bool(eigenvalues.size == 0 or eigenvalues[0] > eigenvalues.size * np.finfo(float).eps * eigenvalues[-1])
+
+
+def standard_errors(
+    model: FHMV | FitResult,
+    y,
+    x=None,
+    *,
+    lengths=None,
+    kind: str = "hessian",
+    chunk_size: int = 32,
+    bound_tolerance: float = 1e-6,
+    min_count: float | None = None,
+    progress: bool = False,
+) -> StandardErrors:
+    """Standard errors of every natural parameter from the observed information, the OPG or the sandwich.
+
+    See the module docstring for the coordinates. The log-likelihood is that of the data alone (no covariance
+    prior); at a fit of ``fit_em`` its score is therefore not exactly zero (the prior's pull, O(ridge / n)).
+
+    Args:
+        model: the fitted model (or ``fit_em``'s ``FitResult``: a warning if it did not converge).
+        y: [T, D] or a padded batch [B, T, D]; x: the driver [T] or [B, T] where the leverage mode needs one.
+        lengths: [B] valid steps per sequence (default: all T).
+        kind: ``"hessian"`` (inverse observed information), ``"opg"`` (inverse outer product of the per-step
+            scores) or ``"sandwich"`` (H^-1 OPG H^-1, robust to misspecification).
+        chunk_size: directions per compiled Hessian- or Jacobian-vector call (memory: about ``chunk_size``
+            gradients).
+        bound_tolerance: a natural parameter this close to a bound of its range (relative to the range's width)
+            is flagged and held fixed.
+        min_count: a mixture component with fewer expected observations is flagged and held fixed (default: the
+            feature count D + 1).
+        progress: show progress bars over the chunks.
+
+    Returns:
+        ``StandardErrors``; with an information that is not positive definite, a warning and NaN standard errors.
+
+    Raises:
+        ValueError: an unknown ``kind``, a non-positive ``chunk_size``, or bad observations (as ``fit_em``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    problem = _Problem.of(_unwrap(model, "standard_errors"), y, x, lengths, "standard_errors")
+    model = problem.model
+    natural = natural_layout(model)
+    labels = natural.labels()
+    estimates = np.asarray(natural.ravel(model.natural_parameters()))
+    jacobian = np.asarray(_natural_jacobian(problem.theta, model, problem.layout, natural))
+    counts = np.asarray(_component_counts(model, problem.y, problem.x, problem.mask))
+    min_count = model.spec.num_features + 1 if min_count is None else min_count
+    rtol = 1e-9 if model.dtype == jnp.float64 else 1e-5
+    generic = np.abs(np.asarray(_natural_jacobian(jnp.zeros_like(problem.theta), model, problem.layout, natural)))
+    fixed = generic.max(axis=1, initial=0.0) <= rtol * generic.max(initial=0.0)
+    flags = _bound_flags(estimates, labels, natural, natural_bounds(model.spec), bound_tolerance)
+    flags |= {k: v for k, v in _sparse_component_flags(model, counts, min_count).items() if k not in flags}
+    flags = {label: reason for label, reason, still in zip(labels, map(flags.get, labels), fixed, strict=True)
+             if reason is not None and not still}
+    flagged = np.array([label in flags for label in labels], bool)
+    directions = identified_directions(jacobian, flagged, rtol)
+
+    _, gradient = problem.gradient()
+    information = -(problem.hessian_products(directions, chunk_size, progress) @ directions.T)
+    information = 0.5 * (information + information.T)
+    eigenvalues = np.linalg.eigvalsh(information)
+    positive = _positive_definite(eigenvalues)
+    num_observations = int(problem.mask.sum())
+    projected = directions @ gradient
+    if positive:
+        newton_gain = 0.5 * float(projected @ _inverse(information) @ projected) / num_observations
+    else:
+        newton_gain = float("inf")
+        warnings.warn(_indefinite_message(information, directions, problem.layout.labels(), eigenvalues),
+                      UserWarning, stacklevel=2)
+    covariance = np.full((directions.shape[0],) * 2, np.nan)
+    if kind != "hessian":
+        steps = problem.step_scores(directions, chunk_size, progress).reshape(directions.shape[0], -1)
+        outer = steps @ steps.T
+    if positive and kind == "hessian":
+        covariance = _inverse(information)
+    elif positive and kind == "sandwich":
+        inverse = _inverse(information)
+        covariance = inverse @ outer @ inverse
+    elif kind == "opg":
+        outer_eigenvalues = np.linalg.eigvalsh(outer)
+        if _positive_definite(outer_eigenvalues):
+            covariance = _inverse(outer)
+        else:
+            warnings.warn("standard_errors: the outer product of the per-step scores is singular (fewer steps than"
+                          " parameters, or a parameter no step informs): no OPG standard errors",
+                          UserWarning, stacklevel=2)
+    moved = jacobian @ directions.T
+    natural_covariance = moved @ covariance @ moved.T
+    errors = np.where(flagged | fixed, np.nan, np.sqrt(np.maximum(np.diagonal(natural_covariance), 0.0)))
+    smallest = eigenvalues[:_SMALLEST]
+    return StandardErrors(
+        kind=kind,
+        natural={k: np.asarray(v) for k, v in natural.unravel(jnp.asarray(errors)).items()},
+        estimates=estimates,
+        labels=labels,
+        covariance=natural_covariance,
+        raw_labels=problem.layout.labels(),
+        raw_covariance=directions.T @ covariance @ directions,
+        flagged=flags,
+        num_identified=int(directions.shape[0]),
+        information_eigenvalues=smallest,
+        condition_number=float(eigenvalues[-1] / eigenvalues[0]) if positive and eigenvalues.size else float("inf"),
+        positive_definite=positive,
+        newton_gain=newton_gain,
+        num_observations=num_observations,
+    )
+
+
+def _indefinite_message(information: np.ndarray, directions: np.ndarray, raw_labels: tuple[str, ...],
+                        eigenvalues: np.ndarray) -> str:
+    """The warning for an observed information that is not positive definite, naming the coordinates of its
+    weakest direction."""
+    _, vectors = np.linalg.eigh(information)
+    weakest = np.abs(vectors[:, 0] @ directions)
+    top = [raw_labels[i] for i in np.argsort(weakest)[::-1][:3]]
+    return (f"standard_errors: the observed information is not positive definite (smallest eigenvalues"
+            f" {np.array2string(eigenvalues[:3], precision=3)}), mostly along {', '.join(top)}: the model is not a"
+            " strict maximum (not converged, or not identified); no standard errors (no pseudo-inverse is taken)")

@@ -1,6 +1,7 @@
-"""ECM training: E-step statistics, M-step updates, the jitted EM step and the fitting loop."""
+"""Training: E-step statistics, M-step updates, the jitted EM step, the fitting loop, and gradient fitting."""
 
 from .fit import fit_em
+from .gradient import fit_gradient
 from .init import init_model, kmeans
 from .loop import FitResult, IterationInfo, StepInfo, em_step, print_progress, run_em
 from .m_step import CovariancePrior, m_step
@@ -18,6 +19,7 @@ __all__ = [
     "e_step",
     "em_step",
     "fit_em",
+    "fit_gradient",
     "init_model",
     "kmeans",
     "m_step",

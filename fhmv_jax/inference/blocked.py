@@ -181,10 +181,13 @@ class FilterPosterior(NamedTuple):
     Attributes:
         log_likelihood: log p(y_{1:T}).
         filtered: [T, *shape] P(h_t | y_{1:t}).
+        step_log_likelihoods: [T] log p(y_t | y_{1:t-1}) = log c_t + m_t (zero on padded steps); they sum to
+            ``log_likelihood``.
     """
 
     log_likelihood: Scalar
     filtered: Float[Array, "T ..."]
+    step_log_likelihoods: Float[Array, " T"]
 
 
 def default_block_steps(num_states: int) -> int:
@@ -312,8 +315,8 @@ class _Layout(NamedTuple):
 
 
 class _Forward(NamedTuple):
-    """The forward pass, block by block: log-likelihood, filtered [N, L, *kept shape], normalisers [N, L], the
-    scaled likelihoods [N, L, *shape] (only kept when the backward pass reuses them).
+    """The forward pass, block by block: log-likelihood, filtered [N, L, *kept shape], normalisers [N, L] c_t and
+    shifts [N, L] m_t, the scaled likelihoods [N, L, *shape] (only kept when the backward pass reuses them).
 
     With rank-one axes ``filtered`` is not stored (the kept axes' filtered laws are predicted * b_bar / c, the
     same arithmetic as the scan's) and the pass keeps the kept axes' likelihoods b_bar and predicted laws
@@ -323,6 +326,7 @@ class _Forward(NamedTuple):
     log_likelihood: Scalar
     filtered: Array | None
     normalisers: Array
+    shifts: Array
     scaled: Array | None
     reduced: Array | None = None
     predicted: Array | None = None
@@ -360,7 +364,7 @@ def _forward_blocks(layout: _Layout, likelihoods: Likelihoods, keep_likelihoods:
     rows = (layout.inputs, layout.valid, layout.outgoing, layout.first)
     start = (layout.initial, jnp.zeros(layout.merged.shape, layout.initial.dtype)) if rank_one else layout.initial
     _, (filtered, normalisers, shifts, scaled, *rest) = jax.lax.scan(forward_block, start, rows)
-    return _Forward(jnp.sum(jnp.log(normalisers)) + jnp.sum(shifts), filtered, normalisers, scaled, *rest)
+    return _Forward(jnp.sum(jnp.log(normalisers)) + jnp.sum(shifts), filtered, normalisers, shifts, scaled, *rest)
 
 
 def forward_filter(
@@ -377,7 +381,10 @@ def forward_filter(
     layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps)
     forward = _forward_blocks(layout, likelihoods, full_filtered=True)
     filtered = forward.filtered if forward.full_filtered is None else forward.full_filtered
-    return FilterPosterior(forward.log_likelihood, filtered.reshape((-1,) + initial_probs.shape)[: mask.shape[0]])
+    num_steps = mask.shape[0]
+    steps = (jnp.log(forward.normalisers) + forward.shifts).reshape(-1)[:num_steps]
+    return FilterPosterior(forward.log_likelihood, filtered.reshape((-1,) + initial_probs.shape)[:num_steps],
+                           jnp.where(mask, steps, 0.0))
 
 
 class _KeptPosterior(NamedTuple):

@@ -195,6 +195,10 @@ class StudentTMixture(AbstractBlock):
                 "dof_raw": None if spec.gaussian else (G, K)}
 
     @classmethod
+    def natural_bounds(cls, spec):
+        return {"weights": (0.0, 1.0), "dof": spec.dof_bounds}
+
+    @classmethod
     def from_natural(cls, spec, values, dtype=None):
         check_stochastic("weights", values["weights"])
         if spec.zero_mean and np.any(np.asarray(values["means"]) != 0):

@@ -74,6 +74,10 @@ class RegimeChain(AbstractChainFactor):
         return {"initial_logits": (G,), "transition_logits": (G, G)}
 
     @classmethod
+    def natural_bounds(cls, spec):
+        return {"initial_regime": (0.0, 1.0), "regime_transition": (0.0, 1.0)}
+
+    @classmethod
     def from_natural(cls, spec, values, dtype=None):
         check_stochastic("initial_regime", values["initial_regime"])
         check_stochastic("regime_transition", values["regime_transition"])
@@ -152,6 +156,10 @@ class PersistenceChains(AbstractVolatilityFactor):
         N = spec.num_chains
         return {"persistence_raw": (1,) if spec.tied_persistence else (N,), "c1_raw": (),
                 "theta_c_raw": () if N >= 2 else None}
+
+    @classmethod
+    def natural_bounds(cls, spec):
+        return {"persistence_stay": (0.0, 1.0), "c1": (1.0, np.inf), "theta_c": (0.0, 1.0)}
 
     @classmethod
     def magnitude_fields(cls):
@@ -262,6 +270,10 @@ class JumpChain(AbstractVolatilityFactor):
         return {"jump_q_raw": (), "jump_back_raw": () if spec.jump_mode == "markov" else None,
                 "jump_phi_raw": () if spec.jump_mode == "family" else None, "m1_raw": (),
                 "theta_m_raw": () if spec.num_jump_states >= 3 else None}
+
+    @classmethod
+    def natural_bounds(cls, spec):
+        return {"jump_transition": (0.0, 1.0), "m1": (1.0, np.inf), "theta_m": (0.0, 1.0)}
 
     @classmethod
     def magnitude_fields(cls):
@@ -422,6 +434,10 @@ class PredictableLeverage(AbstractLeverage):
         return {"l1_raw": (), "theta_l_raw": () if spec.num_leverage_lags >= 2 else None}
 
     @classmethod
+    def natural_bounds(cls, spec):
+        return {"l1": (0.0, np.inf), "theta_l": (0.0, 1.0)}
+
+    @classmethod
     def magnitude_fields(cls):
         return ("l1_raw", "theta_l_raw")
 
@@ -498,6 +514,10 @@ class MarkovLeverage(AbstractLeverage):
     @classmethod
     def raw_shapes(cls, spec):
         return {"l1_raw": (), "leverage_raw": (2, 2)}
+
+    @classmethod
+    def natural_bounds(cls, spec):
+        return {"l1": (1.0, np.inf)}
 
     @classmethod
     def magnitude_fields(cls):

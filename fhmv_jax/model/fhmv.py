@@ -65,6 +65,13 @@ def natural_shapes(spec: ModelSpec) -> dict[str, Shape]:
             for key, shape in block.natural_shapes(spec).items()}
 
 
+def natural_bounds(spec: ModelSpec) -> dict[str, tuple[float, float]]:
+    """The open interval (low, high) of every bounded natural key the spec uses (``AbstractBlock.natural_bounds``)."""
+    shapes = natural_shapes(spec)
+    return {key: bounds for block in block_classes(spec).values() if block is not None
+            for key, bounds in block.natural_bounds(spec).items() if key in shapes}
+
+
 def raw_layout(spec: ModelSpec) -> dict[str, Shape | None]:
     """The shape under ``spec`` of every array any block may store, ``None`` for those this spec leaves unused."""
     layout: dict[str, Shape | None] = {}
@@ -491,13 +498,20 @@ def _all_steps(y: Array) -> Bool[Array, " T"]:
     return jnp.ones(y.shape[0], bool)
 
 
+def sequence_filter(
+    model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"], *, block_steps: int | None = None
+) -> inference.FilterPosterior:
+    """The blocked forward filter of the valid steps (``mask``, a prefix) of one sequence."""
+    s = sequence_inputs(model, y, x)
+    return inference.forward_filter(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mask,
+                                    block_steps=block_steps)
+
+
 def sequence_log_likelihood(
     model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"], *, block_steps: int | None = None
 ) -> Scalar:
-    """log p(y) of the valid steps (``mask``, a prefix) of one sequence, by the blocked forward filter."""
-    s = sequence_inputs(model, y, x)
-    return inference.forward_filter(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mask,
-                                    block_steps=block_steps).log_likelihood
+    """log p(y) of the valid steps (``mask``, a prefix) of one sequence."""
+    return sequence_filter(model, y, x, mask, block_steps=block_steps).log_likelihood
 
 
 @eqx.filter_jit
@@ -507,8 +521,7 @@ def _log_likelihood(model: FHMV, y: Array, x: Array | None) -> Scalar:
 
 @eqx.filter_jit
 def _filter(model: FHMV, y: Array, x: Array | None) -> FilterResult:
-    s = sequence_inputs(model, y, x)
-    posterior = inference.forward_filter(s.initial, s.transitions, s.emissions.likelihoods, s.rows, _all_steps(y))
+    posterior = sequence_filter(model, y, x, _all_steps(y))
     return FilterResult(posterior.log_likelihood, _marginals(model.spec, posterior.filtered), posterior.filtered)
 
 

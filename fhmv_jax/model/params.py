@@ -47,6 +47,12 @@ class AbstractBlock(eqx.Module):
         """Every array field, in field order, with its shape under ``spec`` (``None``: the field is ``None``)."""
 
     @classmethod
+    def natural_bounds(cls, spec: ModelSpec) -> dict[str, tuple[float, float]]:
+        """The open interval (low, high) of every bounded natural key under ``spec`` (unbounded keys absent):
+        where a value sits at a limit its unconstrained coordinate runs off to infinity."""
+        return {}
+
+    @classmethod
     @abc.abstractmethod
     def from_natural(cls: type[Block], spec: ModelSpec, values: dict[str, np.ndarray], dtype=None) -> Block:
         """Validate natural values (float64 arrays of ``natural_shapes``) and map them to a block.
