@@ -350,16 +350,18 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
     if alignment is not None:
         labels_test = data.labels[num_train:]
         G_true = len(data.regime_names)
-        metrics["train"].update(regime_scores(labels_train, alignment.relabel(train_regimes), G_true)
-                                .to_dict(data.regime_names))
-        test_filtered = regime_scores(labels_test, alignment.relabel(prediction.regimes), G_true)
+        # scores over the alignment's reference indices: the true labels, then any extra fitted regimes
+        G_ref, reference_names = alignment.num_reference, alignment.reference_names
+        metrics["train"].update(regime_scores(labels_train, alignment.relabel(train_regimes), G_ref)
+                                .to_dict(reference_names))
+        test_filtered = regime_scores(labels_test, alignment.relabel(prediction.regimes), G_ref)
         smoothed = predict_regimes(model, y_test, method="smooth").regimes
         viterbi = predict_regimes(model, y_test, method="viterbi").regimes
         oracle = oracle_readout(y_train, labels_train, y_test, G_true)
-        metrics["test"].update(test_filtered.to_dict(data.regime_names))
+        metrics["test"].update(test_filtered.to_dict(reference_names))
         metrics["test"].update({
-            "smoothed_accuracy": regime_scores(labels_test, alignment.relabel(smoothed), G_true).accuracy,
-            "viterbi_accuracy": regime_scores(labels_test, alignment.relabel(viterbi), G_true).accuracy,
+            "smoothed_accuracy": regime_scores(labels_test, alignment.relabel(smoothed), G_ref).accuracy,
+            "viterbi_accuracy": regime_scores(labels_test, alignment.relabel(viterbi), G_ref).accuracy,
             "oracle_accuracy": regime_scores(labels_test, oracle.filtered, G_true).accuracy,
             "oracle_smoothed_accuracy": regime_scores(labels_test, oracle.smoothed, G_true).accuracy,
         })
@@ -367,18 +369,19 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
             from fhmv_jax.eval.plots import DashboardData, training_dashboard
 
             natural = model.natural_parameters()
-            dof = None if spec.gaussian else np.asarray(natural["dof"])[np.argsort(alignment.mapping)]
+            dof = None if spec.gaussian else alignment.per_reference(natural["dof"])
             training_dashboard(output_dir / DASHBOARD_FILE, DashboardData(
                 log_likelihoods=fit.log_likelihoods,
                 split_merge_iterations=[move.iteration for move in fit.split_merges],
-                names=data.regime_names,
+                names=reference_names,
                 confusion=test_filtered.confusion,
                 true_regimes=labels_test,
                 predicted_regimes=alignment.relabel(prediction.regimes),
                 probabilities=alignment.reorder(prediction.probabilities),
                 factor_parameters=metrics["factor_parameters"],
                 dof=dof,
-                title=f"FHMV training results: {spec.num_states} joint states, seed {cfg.seed}",
+                title=f"FHMV training results: {spec.num_regimes} regimes ({G_true} true), {spec.num_states} joint"
+                      f" states, seed {cfg.seed}",
             ))
             written.append(DASHBOARD_FILE)
     elif cfg.eval.dashboard:

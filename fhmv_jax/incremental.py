@@ -233,7 +233,8 @@ class IncrementalTrainer:
             last ``retrain.window`` rows are the drift reference and the retained history.
         labels: optional [N] true regime names' indices into ``label_names``.
         label_names: names the labels index (the model's ``regime_names`` metadata maps
-            its regimes to them).
+            its regimes to them; a regime whose name is not a label, such as an ``"extra 1"``
+            of ``align_to_labels``, matches no label: a step read as it counts as an error).
         triggers, retrain: settings.
         log: called with each report's line (e.g. ``print``; the default is silent).
     """
@@ -267,7 +268,9 @@ class IncrementalTrainer:
         names = self.current.metadata.get("regime_names")
         if self.label_names is None or names is None:
             raise ValueError("labels need label_names and a model saved with regime_names")
-        return np.array([self.label_names.index(n) for n in names])
+        if not set(names) & set(self.label_names):
+            raise ValueError(f"none of the model's regime names {list(names)} is a label name {self.label_names}")
+        return np.array([self.label_names.index(n) if n in self.label_names else -1 for n in names])
 
     def _read(self, y) -> tuple[float, np.ndarray]:
         """Mean per-step log-likelihood and filtered regimes of ``y`` under the current model (one pass)."""

@@ -44,15 +44,46 @@ def test_alignment_recovers_a_permutation_despite_noise(rng):
     np.testing.assert_array_equal(alignment.reorder(probs).argmax(-1), relabelled)
 
 
-def test_alignment_names_fewer_fitted_regimes_and_rejects_too_many():
-    truth = np.array([0, 0, 1, 1, 2, 2, 3, 3])
-    fitted = np.array([1, 1, 0, 0, 0, 0, 1, 1])
+def test_alignment_with_fewer_fitted_regimes_than_labels_leaves_labels_unmatched():
+    truth = np.array([0, 0, 1, 1, 2, 2, 2, 3, 3])
+    fitted = np.array([1, 1, 0, 0, 0, 0, 0, 1, 0])   # fitted 0 mostly RC (2), fitted 1 mostly ST (0)
     alignment = align_to_labels(truth, fitted, 2, names=NAMES)
-    assert len(set(alignment.mapping)) == 2
-    with pytest.raises(ValueError, match="cannot name 5 fitted regimes"):
-        align_to_labels(np.zeros(3, int), np.array([0, 4, 1]), 5, names=NAMES)
+    np.testing.assert_array_equal(alignment.mapping, [2, 0])
+    assert alignment.names == ("RC", "ST")
+    assert alignment.reference_names == NAMES and alignment.num_reference == 4
+    np.testing.assert_array_equal(alignment.relabel(fitted), [0, 0, 2, 2, 2, 2, 2, 0, 2])
+    probs = np.array([[0.7, 0.3], [0.1, 0.9]])
+    np.testing.assert_array_equal(alignment.reorder(probs), [[0.3, 0.0, 0.7, 0.0], [0.9, 0.0, 0.1, 0.0]])
+    dof = np.array([[5.0, 6.0], [7.0, 8.0]])
+    np.testing.assert_array_equal(alignment.per_reference(dof), [[7, 8], [np.nan] * 2, [5, 6], [np.nan] * 2])
+    scores = regime_scores(truth, alignment.relabel(fitted), alignment.num_reference)
+    assert scores.accuracy == pytest.approx(5 / 9) and scores.confusion.shape == (4, 4)
+    assert np.isnan(scores.precision[[1, 3]]).all()   # unmatched labels are never predicted
     with pytest.raises(ValueError, match="3 regime names for 4"):
         align_to_labels(truth, fitted, 2, names=NAMES[:3], num_labels=4)
+    with pytest.raises(ValueError, match=r"probabilities must be \[\.\.\., 2\]"):
+        alignment.reorder(np.ones((3, 4)))
+
+
+def test_alignment_with_more_fitted_regimes_than_labels_names_the_extras():
+    truth = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    fitted = np.array([3, 3, 3, 0, 0, 0, 1, 2])   # 3 is label 0, 0 is label 1; 1 and 2 are left over
+    alignment = align_to_labels(truth, fitted, 4, names=("calm", "storm"))
+    np.testing.assert_array_equal(alignment.mapping, [1, 2, 3, 0])
+    assert alignment.names == ("storm", "extra 1", "extra 2", "calm")
+    assert alignment.reference_names == ("calm", "storm", "extra 1", "extra 2") and alignment.num_reference == 4
+    relabelled = alignment.relabel(fitted)
+    np.testing.assert_array_equal(relabelled, [0, 0, 0, 1, 1, 1, 2, 3])
+    probs = np.array([[0.1, 0.2, 0.3, 0.4]])
+    np.testing.assert_array_equal(alignment.reorder(probs), [[0.4, 0.1, 0.2, 0.3]])
+    np.testing.assert_array_equal(alignment.per_reference(np.arange(4.0)), [3.0, 0.0, 1.0, 2.0])
+    scores = regime_scores(truth, relabelled, alignment.num_reference)   # extras never match a true label
+    assert scores.accuracy == pytest.approx(6 / 8)
+    as_dict = scores.to_dict(alignment.reference_names)
+    assert as_dict["precision"]["extra 1"] == 0.0 and as_dict["recall"]["extra 1"] is None
+    assert np.asarray(as_dict["confusion_matrix"])[:, 2:].sum() == 2
+    with pytest.raises(ValueError, match="clash"):
+        align_to_labels(truth, fitted, 4, names=("calm", "extra 1"))
 
 
 def test_align_to_reference_matches_permuted_posteriors(rng):

@@ -19,6 +19,10 @@ import numpy as np  # noqa: E402
 class DashboardData(NamedTuple):
     """What the dashboard shows; every regime index is already in the named (aligned) order.
 
+    The G regimes here are the alignment's reference indices (``RegimeAlignment.reference_names``):
+    the true labels, then any extra fitted regimes. A label without a fitted regime has
+    probability 0, is never predicted and has a NaN row of ``dof``.
+
     Attributes:
         log_likelihoods: training log-likelihood history (``FitResult.log_likelihoods``).
         split_merge_iterations: history indices after which a split-merge move was accepted.
@@ -28,7 +32,7 @@ class DashboardData(NamedTuple):
         predicted_regimes: [T] predicted test regimes.
         probabilities: [T, G] test regime probabilities.
         factor_parameters: scalar fitted factor parameters (c1, p, q, ...) by name.
-        dof: [G, K] fitted degrees of freedom (``None`` for Gaussian emissions).
+        dof: [G, K] fitted degrees of freedom (``None`` for Gaussian emissions; NaN rows: no fitted regime).
         title: the figure title.
     """
 
@@ -63,6 +67,8 @@ def _confusion(ax, data: DashboardData) -> None:
     image = ax.imshow(np.nan_to_num(rates), cmap="Blues", vmin=0, vmax=1)
     ticks = np.arange(len(data.names))
     ax.set(xticks=ticks, yticks=ticks, xticklabels=data.names, yticklabels=data.names)
+    if len(data.names) > 6:   # e.g. "extra 1", "extra 2" after six labels: keep the tick labels apart
+        ax.tick_params(axis="x", labelrotation=30)
     ax.set(title="Confusion matrix (test, row-normalised)", xlabel="predicted", ylabel="true")
     for (i, j), n in np.ndenumerate(counts):
         ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if rates[i, j] > 0.6 else "black")
@@ -103,8 +109,9 @@ def _factors(ax, data: DashboardData) -> None:
     if data.dof is not None:
         lines.append("")
         lines.append("degrees of freedom (per component):")
-        lines += [f"{name:>10}: " + ", ".join(f"{v:.1f}" for v in row)
-                  for name, row in zip(data.names, data.dof, strict=True)]
+        lines += [f"{name:>10}: " + (", ".join(f"{v:.1f}" for v in row) if not np.isnan(row).all()
+                                      else "(no fitted regime)")
+                  for name, row in zip(data.names, np.asarray(data.dof, dtype=float), strict=True)]
     ax.text(0.02, 0.98, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
             transform=ax.transAxes)
     ax.set(title="Fitted factor parameters")

@@ -4,6 +4,19 @@ A fitted model's G regimes are unlabelled (any permutation fits equally well). A
 only meaningful after an alignment, and that alignment must be fitted on training data
 only. ``RegimeAlignment.mapping[g]`` is the reference label given to fitted regime g.
 
+The matching is one to one, and G need not be the number L of reference labels (a model-size
+sweep fits G = 2, 3, ... regimes to the same labelled data):
+
+* G < L: each fitted regime gets a distinct label; the L - G labels left over have no fitted
+  regime (``reorder`` gives them probability 0, a classifier never predicts them).
+* G > L: every label gets a fitted regime, and the G - L fitted regimes left over keep names of
+  their own, ``"extra 1"``, ``"extra 2"``, ... (in fitted-regime order), at reference indices
+  L, L + 1, ... after the labels. They are never a true label, so a step read as an extra
+  regime counts as an error, but they stay in confusion matrices, scores and plots.
+
+Scores and plots over the alignment's reference index range use ``num_reference`` =
+max(G, L) slots named ``reference_names``: the L label names, then the extras.
+
 Without labels, ``name_by_rule`` names the regimes of a model fitted on the market features
 of DATA.md (it needs LM, Abs, Vol and T) from their fitted means (MODEL.md section 6).
 Each feature's regime means m_g (in feature units, component-weighted) become z-scores
@@ -39,25 +52,56 @@ from ..model.fhmv import FHMV
 
 
 class RegimeAlignment(NamedTuple):
-    """A one-to-one naming of fitted regimes.
+    """A one-to-one naming of fitted regimes (G fitted regimes, L reference labels; module docstring).
 
     Attributes:
-        mapping: [G] reference label index of each fitted regime.
+        mapping: [G] reference index of each fitted regime: a label in [0, L), or L + k for the
+            k-th fitted regime left without a label (only when G > L).
         names: [G] the reference name of each fitted regime.
+        reference_names: [max(G, L)] the name of each reference index: the L label names, then
+            ``"extra 1"``, ``"extra 2"``, ... for the fitted regimes left without a label.
     """
 
     mapping: np.ndarray
     names: tuple[str, ...]
+    reference_names: tuple[str, ...]
+
+    @property
+    def num_reference(self) -> int:
+        """max(G, L): the number of reference indices (labels, then extra fitted regimes)."""
+        return len(self.reference_names)
 
     def relabel(self, fitted_regimes) -> np.ndarray:
-        """Fitted regime indices (any shape) -> reference label indices."""
+        """Fitted regime indices (any shape) -> reference indices in [0, max(G, L))."""
         return self.mapping[np.asarray(fitted_regimes)]
 
     def reorder(self, probabilities) -> np.ndarray:
-        """[..., G] probabilities over fitted regimes -> [..., G] over reference labels."""
+        """[..., G] probabilities over fitted regimes -> [..., max(G, L)] over reference indices.
+
+        Labels without a fitted regime get probability 0, so rows still sum to one.
+        """
         probabilities = np.asarray(probabilities)
-        out = np.zeros_like(probabilities)
+        num_fitted = len(self.mapping)
+        if probabilities.shape[-1:] != (num_fitted,):
+            raise ValueError(f"probabilities must be [..., {num_fitted}] (one per fitted regime), "
+                             f"got shape {probabilities.shape}")
+        out = np.zeros((*probabilities.shape[:-1], self.num_reference), dtype=probabilities.dtype)
         out[..., self.mapping] = probabilities
+        return out
+
+    def per_reference(self, values, fill=np.nan) -> np.ndarray:
+        """[G, ...] values per fitted regime (e.g. degrees of freedom) -> [max(G, L), ...] per reference index.
+
+        Labels without a fitted regime get ``fill`` (NaN by default: they have no fitted value).
+        """
+        values = np.asarray(values)
+        num_fitted = len(self.mapping)
+        if values.shape[:1] != (num_fitted,):
+            raise ValueError(f"values must be [{num_fitted}, ...] (one row per fitted regime), "
+                             f"got shape {values.shape}")
+        dtype = np.result_type(values.dtype, np.asarray(fill).dtype)
+        out = np.full((self.num_reference, *values.shape[1:]), fill, dtype=dtype)
+        out[self.mapping] = values
         return out
 
 
@@ -76,27 +120,44 @@ def confusion_matrix(true_labels, predicted, num_true: int, num_predicted: int |
 
 
 def _assignment(score: np.ndarray) -> np.ndarray:
-    """mapping[g] = reference index maximising the total score[g, mapping[g]] (one to one)."""
+    """mapping[g] = reference index maximising the total score[g, mapping[g]] (one to one).
+
+    With more fitted regimes (rows) than reference indices (columns), the rows left over get
+    the indices after the columns, in row order (the "extra" regimes of the module docstring).
+    """
     num_fitted, num_reference = score.shape
-    if num_fitted > num_reference:
-        raise ValueError(f"cannot name {num_fitted} fitted regimes with only {num_reference} reference names")
     rows, cols = linear_sum_assignment(score, maximize=True)
-    mapping = np.empty(num_fitted, dtype=np.int64)
+    mapping = np.full(num_fitted, -1, dtype=np.int64)
     mapping[rows] = cols
+    unmatched = mapping < 0
+    mapping[unmatched] = num_reference + np.arange(np.count_nonzero(unmatched))
     return mapping
+
+
+EXTRA_NAME = "extra {}"
+"""The name of the k-th (from 1) fitted regime left without a reference label."""
 
 
 def _named(mapping: np.ndarray, names: Sequence[str] | None, num_reference: int) -> RegimeAlignment:
     names = tuple(f"R{i}" for i in range(num_reference)) if names is None else tuple(names)
     if len(names) != num_reference:
         raise ValueError(f"got {len(names)} regime names for {num_reference} reference regimes")
-    return RegimeAlignment(mapping, tuple(names[m] for m in mapping))
+    num_extra = max(len(mapping) - num_reference, 0)
+    extras = tuple(EXTRA_NAME.format(k + 1) for k in range(num_extra))
+    clash = set(extras) & set(names)
+    if clash:
+        raise ValueError(f"reference names {sorted(clash)} clash with the names of extra fitted regimes")
+    reference_names = names + extras
+    return RegimeAlignment(mapping, tuple(reference_names[m] for m in mapping), reference_names)
 
 
 def align_to_labels(
     true_labels, fitted_regimes, num_fitted: int, names: Sequence[str] | None = None, num_labels: int | None = None
 ) -> RegimeAlignment:
     """Hungarian matching that maximises agreement between fitted regimes and true labels.
+
+    One to one: with fewer fitted regimes than labels some labels go unmatched, with more the
+    fitted regimes left over are named ``"extra 1"``, ... (module docstring).
 
     Args:
         true_labels: [T] reference labels (training rows only).
