@@ -166,6 +166,15 @@ def test_standard_errors_at_a_maximum(rng):
     assert row["low"] < row["estimate"] < row["high"]
     np.testing.assert_allclose(row["high"] - row["low"], 2 * 1.959964 * row["se"], rtol=1e-6)
 
+    steps = np.array([-1.0, 0.0, 1.0])
+    profile = diagnostics.profile_log_likelihood(fit, y, parameter="means[1,0,0]",
+                                                 values=row["estimate"] + steps * row["se"])
+    drop = fit.log_likelihoods[-1] - profile.log_likelihoods
+    assert abs(drop[1]) < 1e-6, "at the estimate the profile is the maximum"
+    np.testing.assert_allclose(drop[[0, 2]], 0.5, atol=0.05, err_msg="one Hessian SE away the drop is about z^2 / 2")
+    with pytest.raises(ValueError, match="one unconstrained coordinate"):
+        diagnostics.profile_log_likelihood(fit, y, parameter="regime_transition[0,1]", values=[0.1])
+
 
 def test_parameters_at_bounds_and_empty_components_are_flagged_not_estimated(rng):
     model, y, x = _tiny("none", rng)

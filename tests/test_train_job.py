@@ -15,6 +15,7 @@ import pytest
 import quick_test
 import schema
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import fhmv_jax
 from fhmv_jax.eval import predict_raw, predict_regimes
@@ -113,3 +114,31 @@ def test_train_entry_point_rejects_an_unknown_key(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Key 'bogus' not in 'Config'" in result.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_diagnose_reads_the_saved_run_and_writes_its_report(job, tmp_path):
+    """experiments/diagnose.py on the tiny job: its training rows are rebuilt from the model file (the saved
+    log-likelihood reproduced), every natural parameter gets a row, and the tiny fit (4 EM iterations, no maximum)
+    gets no standard errors but says why."""
+    import diagnose
+
+    _, directory, _ = job
+    cfg = diagnose.validate(OmegaConf.create({"run_dir": str(directory)}))
+    with pytest.warns(UserWarning, match="not positive definite"):
+        result = diagnose.run(cfg, tmp_path)
+    saved = fhmv_jax.load(directory / "fhmv_model.fhmv")
+    written = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert written["num_observations"] == saved.metadata["training"]["num_steps"] == result["num_observations"]
+    assert [row["parameter"] for row in written["parameters"]] == list(
+        fhmv_jax.diagnostics.natural_layout(saved.model).labels())
+    assert not written["positive_definite"] and written["profile"] is None
+    assert written["information_smallest_eigenvalues"][0] < 0
+    assert all(label in {row["parameter"] for row in written["parameters"]} for label in written["flagged"])
+    assert (tmp_path / "diagnostics.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="kind must be one of"):
+        diagnose.validate(OmegaConf.create({"run_dir": str(directory), "kind": "bootstrap"}))
+    with pytest.raises(fhmv_jax.ModelFileError, match="no model file"):
+        diagnose.run(diagnose.validate(OmegaConf.create({"run_dir": str(tmp_path)})), tmp_path)
+    fhmv_jax.save(tmp_path / "fhmv_model.fhmv", saved.model)
+    with pytest.raises(ValueError, match="not written by experiments/train.py"):
+        diagnose.run(diagnose.validate(OmegaConf.create({"run_dir": str(tmp_path)})), tmp_path)

@@ -41,27 +41,31 @@ def _optax_promotion():
     return jax.numpy_dtype_promotion("standard")
 
 
-def _model(model: FHMV, params: dict[str, Array]) -> FHMV:
+def _model(model: FHMV, params: dict[str, Array], hold: dict[str, Array] | None = None) -> FHMV:
+    """``model`` with its free arrays from ``params``, except the coordinates ``hold`` flags (kept as in ``model``)."""
+    if hold is not None:
+        raw = model.raw_arrays()
+        params = {k: jnp.where(hold[k], raw[k], v) if k in hold else v for k, v in params.items()}
     return FHMV.from_raw_arrays(model.spec, model.raw_arrays() | params)
 
 
-def _loss(params, model: FHMV, y, x, mask, prior: CovariancePrior, scale, num_steps) -> Scalar:
+def _loss(params, model: FHMV, hold, y, x, mask, prior: CovariancePrior, scale, num_steps) -> Scalar:
     """-(scale log p(y) + log prior) / n."""
-    info = batch_objective(_model(model, params), y, x, mask, prior)
+    info = batch_objective(_model(model, params, hold), y, x, mask, prior)
     return -(scale * info.log_likelihood + info.log_prior) / num_steps
 
 
-def _point(params, model: FHMV, loss: Scalar, prior: CovariancePrior, num_steps) -> StepInfo:
+def _point(params, model: FHMV, hold, loss: Scalar, prior: CovariancePrior, num_steps) -> StepInfo:
     """(log-likelihood, log prior) of the point whose loss is ``loss``."""
-    penalty = log_prior(_model(model, params).emission, prior)
+    penalty = log_prior(_model(model, params, hold).emission, prior)
     return StepInfo(-loss * num_steps - penalty, penalty)
 
 
 @eqx.filter_jit
-def _full_batch_step(params, state, optimizer, model, y, x, mask, prior, num_steps):
+def _full_batch_step(params, state, optimizer, model, hold, y, x, mask, prior, num_steps):
     """One optimizer step on every sequence; returns (params, state, ``StepInfo`` of the new params)."""
     def loss(p):
-        return _loss(p, model, y, x, mask, prior, 1.0, num_steps)
+        return _loss(p, model, hold, y, x, mask, prior, 1.0, num_steps)
 
     if optax.tree_utils.tree_get(state, "value") is not None:
         value, grad = optax.value_and_grad_from_state(loss)(params, state=state)
@@ -70,20 +74,20 @@ def _full_batch_step(params, state, optimizer, model, y, x, mask, prior, num_ste
     with _optax_promotion():
         updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=loss)
     params = optax.apply_updates(params, updates)
-    return params, state, _point(params, model, loss(params), prior, num_steps)
+    return params, state, _point(params, model, hold, loss(params), prior, num_steps)
 
 
 @eqx.filter_jit
-def _minibatch_step(params, state, optimizer, key, model, y, x, mask, prior, batch_size: int, num_steps):
+def _minibatch_step(params, state, optimizer, key, model, hold, y, x, mask, prior, batch_size: int, num_steps):
     """One optimizer step on ``batch_size`` sequences drawn without replacement; returns (params, state, the
     minibatch's ``StepInfo`` scaled to the whole batch, before the step)."""
     chosen = jax.random.choice(key, y.shape[0], (batch_size,), replace=False)
     scale = y.shape[0] / batch_size
-    value, grad = jax.value_and_grad(_loss)(params, model, y[chosen], None if x is None else x[chosen],
+    value, grad = jax.value_and_grad(_loss)(params, model, hold, y[chosen], None if x is None else x[chosen],
                                             mask[chosen], prior, scale, num_steps)
     with _optax_promotion():
         updates, state = optimizer.update(grad, state, params)
-    return optax.apply_updates(params, updates), state, _point(params, model, value, prior, num_steps)
+    return optax.apply_updates(params, updates), state, _point(params, model, hold, value, prior, num_steps)
 
 
 def fit_gradient(
@@ -99,6 +103,7 @@ def fit_gradient(
     tol: float = 1e-9,
     covariance_ridge: float = 1e-2,
     covariance_prior_count: float = 1e-2,
+    hold: dict[str, Array] | None = None,
     callback: Callable[[IterationInfo], None] | None = None,
     verbose: bool = False,
 ) -> FitResult:
@@ -119,6 +124,9 @@ def fit_gradient(
         tol: full batches stop at the first step that gains less than this in mean per-step objective after
             which a Newton step would gain no more (``convergence.check_score``).
         covariance_ridge, covariance_prior_count: the covariance prior, as ``fit_em``.
+        hold: {free array name: bool mask of its shape}: coordinates kept at their values in ``model`` (e.g. for
+            a profile likelihood); arrays not named are all free. Such a fit stops on ``tol`` alone and reports no
+            score.
         callback: called with an ``IterationInfo`` after every step.
         verbose: print a line per step (when no ``callback`` is given).
 
@@ -139,16 +147,22 @@ def fit_gradient(
     if batch_size is not None and key is None:
         raise ValueError("minibatches (batch_size) need a PRNG key")
     warn_if_float32_on_cpu(model.dtype, "fit_gradient")
+    free = model.free_arrays()
+    for name, flags in (hold or {}).items():
+        if name not in free or np.shape(flags) != free[name].shape:
+            raise ValueError(f"hold: {name!r} is not a free array of shape {np.shape(flags)} (free arrays:"
+                             f" { {k: v.shape for k, v in free.items()} })")
     dtype = model.dtype
     prior = CovariancePrior(jnp.asarray(covariance_ridge, dtype), jnp.asarray(covariance_prior_count, dtype))
     n = jnp.asarray(mask.sum(), dtype)
     optimizer = default_optimizer(batch_size is not None) if optimizer is None else optimizer
     callback = print_progress if callback is None and verbose else callback
-    params = model.free_arrays()
+    hold = None if hold is None else {k: jnp.asarray(v, bool) for k, v in hold.items()}
+    params = free
     state = optimizer.init(params)
 
     def exact(params) -> tuple[float, float]:
-        info = batch_objective(_model(model, params), ys, xs, mask, prior)
+        info = batch_objective(_model(model, params, hold), ys, xs, mask, prior)
         return float(info.log_likelihood), float(info.log_likelihood + info.log_prior)
 
     log_likelihoods, objectives = map(list, zip(exact(params), strict=True))
@@ -156,11 +170,11 @@ def fit_gradient(
     start = time.perf_counter()
     for step in range(num_steps):
         if batch_size is None:
-            params, state, info = _full_batch_step(params, state, optimizer, model, ys, xs, mask, prior, n)
+            params, state, info = _full_batch_step(params, state, optimizer, model, hold, ys, xs, mask, prior, n)
         else:
             key, draw = jax.random.split(key)
-            params, state, info = _minibatch_step(params, state, optimizer, draw, model, ys, xs, mask, prior,
-                                                  batch_size, n)
+            params, state, info = _minibatch_step(params, state, optimizer, draw, model, hold, ys, xs, mask,
+                                                  prior, batch_size, n)
         log_likelihood, objective = float(info.log_likelihood), float(info.log_likelihood + info.log_prior)
         gain = (objective - objectives[-1]) / float(n)
         log_likelihoods.append(log_likelihood)
@@ -168,15 +182,15 @@ def fit_gradient(
         if callback is not None:
             callback(IterationInfo(step + 1, log_likelihood, gain, time.perf_counter() - start, 1))
         if batch_size is None and abs(gain) < tol:
-            check = check_score(_model(model, params), ys, xs, mask, prior)
-            converged = check.remaining_gain <= tol
+            check = None if hold is not None else check_score(_model(model, params), ys, xs, mask, prior)
+            converged = check is None or check.remaining_gain <= tol
             if converged:
                 break
-            check = None
-    fitted = _model(model, params)
+    fitted = _model(model, params, hold)
     if batch_size is not None:
         log_likelihoods[-1], objectives[-1] = exact(params)
-    check = check_score(fitted, ys, xs, mask, prior) if check is None else check
+    if hold is None and (check is None or not converged):
+        check = check_score(fitted, ys, xs, mask, prior)
     return FitResult(
         model=fitted,
         log_likelihoods=np.asarray(log_likelihoods),
@@ -185,7 +199,6 @@ def fit_gradient(
         objectives=np.asarray(objectives),
         restart_log_likelihoods=np.asarray(log_likelihoods[-1:]),
         restart_objectives=np.asarray(objectives[-1:]),
-        score=check.score,
-        score_norm=check.norm,
-        remaining_gain=check.remaining_gain,
+        **({} if check is None else {"score": check.score, "score_norm": check.norm,
+                                     "remaining_gain": check.remaining_gain}),
     )
