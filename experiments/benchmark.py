@@ -7,6 +7,8 @@ Usage:
     python experiments/benchmark.py gmm --steps 10000 100000    # needs: pip install hmmlearn dynamax
     python experiments/benchmark.py stream --steps 1000 10000 100000
     python experiments/benchmark.py published --chains 2 4 8 10 --steps 5000   # S&P 500 returns (needs arch)
+    python experiments/benchmark.py standard_errors --steps 10000   # the default spec's standard errors
+    python experiments/benchmark.py coverage --replications 200 --steps 2000   # Wald intervals' coverage
 
 Every figure is the best of ``--repeats`` runs after compilation (``published``: the median and
 the best); compile time is measured separately with ahead-of-time lowering and compilation.
@@ -287,12 +289,96 @@ def run_published(chains: list[int], steps: list[int], repeats: int, parts: tupl
     return rows
 
 
+def run_standard_errors(steps: list[int], repeats: int) -> list[str]:
+    """Wall time of ``standard_errors`` (every kind) for the default spec, first call (compilation included) and
+    the best of ``repeats`` later calls."""
+    import warnings
+
+    model = example_model(jax.random.key(0))
+    rows = ["| T | kind | identified directions | first call (s) | later call, best (s) |", "|---|---|---|---|---|"]
+    for num_steps in steps:
+        sample = model.sample(jax.random.key(1), num_steps)
+        for kind in fhmv_jax.diagnostics.KINDS:
+            times = []
+            for _ in range(1 + repeats):
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    errors = fhmv_jax.standard_errors(model, sample.observations, sample.driver, kind=kind)
+                times.append(time.perf_counter() - start)
+            rows.append(f"| {num_steps} | {kind} | {errors.num_identified} | {times[0]:.1f} | {min(times[1:]):.1f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+COVERAGE_SPEC = fhmv_jax.ModelSpec(num_features=2, num_regimes=2, num_chains=1, num_jump_states=1, num_components=1,
+                                   leverage="none", gaussian=True)
+
+
+def coverage_truth() -> fhmv_jax.FHMV:
+    """Two regimes apart in mean and covariance, one persistence chain (c_1 = 2.5) on top."""
+    return fhmv_jax.FHMV.from_natural_parameters(
+        COVERAGE_SPEC, initial_regime=np.array([0.5, 0.5]), regime_transition=np.array([[0.97, 0.03], [0.05, 0.95]]),
+        weights=np.ones((2, 1)), means=np.array([[[-0.8, 0.4]], [[0.8, -0.4]]]),
+        covariances=np.array([[[[1.0, 0.3], [0.3, 0.8]]], [[[0.5, -0.1], [-0.1, 0.7]]]]),
+        persistence_stay=np.array([0.98]), c1=np.array(2.5))
+
+
+def run_coverage(replications: int, num_steps: int, level: float = 0.95) -> list[str]:
+    """Simulate ``replications`` series from ``coverage_truth``, fit each by EM from the truth (no prior), and
+    count how often each kind's Wald interval (``StandardErrors.table``) covers the true value, per group."""
+    import warnings
+
+    truth = coverage_truth()
+    layout = fhmv_jax.diagnostics.natural_layout(truth)
+    true_values = np.asarray(layout.ravel(truth.natural_parameters()))
+    groups = [label.split("[")[0] for label in layout.labels()]
+    mirrored = np.array([g == "covariances" and label[-4] > label[-2] for g, label in zip(groups, layout.labels(),
+                                                                                      strict=True)])
+    kinds = ("hessian", "sandwich")
+    covered = {kind: np.zeros(len(groups)) for kind in kinds}
+    counted = {kind: np.zeros(len(groups)) for kind in kinds}
+    skipped, start = 0, time.perf_counter()
+    for r in range(replications):
+        y = truth.sample(jax.random.key(1000 + r), num_steps).observations
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = fhmv_jax.fit_em(truth, y, max_iters=500, tol=1e-8, covariance_ridge=0.0,
+                                  covariance_prior_count=0.0)
+            results = {kind: fhmv_jax.standard_errors(fit.model, y, kind=kind) for kind in kinds}
+        if not fit.converged or not results["hessian"].positive_definite:
+            skipped += 1
+            continue
+        for kind, errors in results.items():
+            rows = errors.table(level)
+            low, high = (np.array([row[side] for row in rows]) for side in ("low", "high"))
+            finite = np.isfinite(errors.standard_errors()) & ~mirrored
+            covered[kind] += finite & (low <= true_values) & (true_values <= high)
+            counted[kind] += finite
+        if (r + 1) % 20 == 0:
+            print(f"# {r + 1} replications, {time.perf_counter() - start:.0f} s", flush=True)
+    rows = [f"| parameter group | intervals | {' | '.join(f'{k} coverage' for k in kinds)} |",
+            "|---|---|" + "---|" * len(kinds)]
+    for group in dict.fromkeys(groups):
+        members = np.array([g == group for g in groups])
+        if counted["hessian"][members].sum() == 0:
+            continue
+        cells = [f"{covered[k][members].sum() / counted[k][members].sum():.3f}" for k in kinds]
+        rows.append(f"| {group} | {int(counted['hessian'][members].sum())} | {' | '.join(cells)} |")
+    rows.append(f"\n{replications - skipped} of {replications} replications used ({skipped} not converged or without"
+                f" a positive definite information); T = {num_steps}, nominal {level:.0%};"
+                f" {time.perf_counter() - start:.0f} s")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm", "stream", "published"])
+    parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm", "stream", "published",
+                                          "standard_errors", "coverage"])
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="sequence lengths (default 1000 10000 100000; published: 5000)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--replications", type=int, default=200, help="coverage: simulated series")
     parser.add_argument("--chains", type=int, nargs="+", default=[2, 4, 8, 10], help="published: values of N")
     parser.add_argument("--parts", nargs="+", default=list(PUBLISHED_PARTS), choices=PUBLISHED_PARTS,
                         help="published: em (one ECM iteration), e (E-step), m (M-step), loglik, fit (the iterations "
@@ -306,9 +392,14 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, float64={jnp.zeros(()).dtype == jnp.float64}"
     )
     if args.steps is None:
-        args.steps = [5000] if args.which == "published" else [1000, 10000, 100000]
+        args.steps = {"published": [5000], "standard_errors": [10000], "coverage": [2000]}.get(
+            args.which, [1000, 10000, 100000])
     if args.which == "published":
         rows = run_published(args.chains, args.steps, args.repeats, tuple(args.parts), args.plain)
+    elif args.which == "standard_errors":
+        rows = run_standard_errors(args.steps, args.repeats)
+    elif args.which == "coverage":
+        rows = run_coverage(args.replications, args.steps[0])
     elif args.which == "em":
         rows = run_em(args.steps, args.repeats)
     elif args.which == "gmm":

@@ -325,9 +325,10 @@ class StandardErrors(NamedTuple):
         raw_labels: [P] labels of the unconstrained coordinates (as ``Score.labels``).
         raw_covariance: [P, P] covariance of the unconstrained coordinates, V C V^T (zero along the directions
             that change no parameter).
-        flagged: {natural label: why it has no standard error}: at a bound of its range, or a mixture component
-            with fewer expected observations than ``min_count``. Those are held fixed: the others' standard errors
-            are conditional on them.
+        flagged: {natural label: why it has no standard error}: at a bound of its range, a mixture component
+            with fewer expected observations than ``min_count``, or the initial regime law when fewer than
+            ``min_count`` sequences start. Those are held fixed: the others' standard errors are conditional on
+            them.
         num_identified: k, the directions the standard errors are computed in.
         information_eigenvalues: the smallest (up to 5) eigenvalues of the observed information -V^T H V.
         condition_number: its largest over smallest eigenvalue (inf when not positive).
@@ -336,6 +337,8 @@ class StandardErrors(NamedTuple):
         newton_gain: the gain per step of log p(y) a Newton step would still make, 0.5 g^T A^-1 g / n (about 0
             at a maximum; inf when the information is not positive definite).
         num_observations: n, the observed steps.
+        bounds: {natural key: (low, high)} the open ranges of the bounded parameters (``FHMV`` blocks'
+            ``natural_bounds``), for ``table``'s intervals.
     """
 
     kind: str
@@ -352,6 +355,7 @@ class StandardErrors(NamedTuple):
     positive_definite: bool
     newton_gain: float
     num_observations: int
+    bounds: dict[str, tuple[float, float]]
 
     def standard_errors(self) -> np.ndarray:
         """[Q] the standard errors in ``labels`` order."""
@@ -359,17 +363,38 @@ class StandardErrors(NamedTuple):
 
     def table(self, level: float = 0.95) -> list[dict]:
         """One row per natural coordinate: label, estimate, standard error, z = estimate / se and the Wald
-        interval at ``level`` (NaN where there is no standard error; ``flag`` says why)."""
+        interval at ``level`` (NaN where there is no standard error; ``flag`` says why).
+
+        A bounded parameter's interval (``bounds``) is the Wald interval of its unconstrained transform (the logit
+        of its place in a finite range, the log of its distance to a lower bound), mapped back: it stays inside
+        the range and covers better than estimate +- z se near a bound."""
         from scipy.stats import norm
 
         half = norm.ppf(0.5 + level / 2)
         rows = []
         for label, estimate, se in zip(self.labels, self.estimates, self.standard_errors(), strict=True):
+            bounds = self.bounds.get(label.split("[")[0])
+            low, high = (estimate - half * se, estimate + half * se) if bounds is None else _bounded_interval(
+                estimate, se, half, *bounds)
             rows.append({"parameter": label, "estimate": float(estimate), "se": float(se),
-                         "z": float(estimate / se) if se > 0 else float("nan"),
-                         "low": float(estimate - half * se), "high": float(estimate + half * se),
+                         "z": float(estimate / se) if se > 0 else float("nan"), "low": float(low), "high": float(high),
                          "flag": self.flagged.get(label, "")})
         return rows
+
+
+def _bounded_interval(estimate: float, se: float, half: float, low: float, high: float) -> tuple[float, float]:
+    """estimate's Wald interval on the unconstrained scale u = logit((v - low) / (high - low)) (finite range) or
+    u = log(v - low) (half-line), with se_u = se du/dv, mapped back (NaN without a standard error)."""
+    if not np.isfinite(se):
+        return float("nan"), float("nan")
+    if np.isfinite(high):
+        width = high - low
+        u, slope = np.log((estimate - low) / (high - estimate)), width / ((estimate - low) * (high - estimate))
+        back = lambda t: low + width / (1 + np.exp(-t))  # noqa: E731
+    else:
+        u, slope = np.log(estimate - low), 1 / (estimate - low)
+        back = lambda t: low + np.exp(t)  # noqa: E731
+    return back(u - half * se * slope), back(u + half * se * slope)
 
 
 _SMALLEST = 5
@@ -407,6 +432,15 @@ def _sparse_component_flags(model: FHMV, counts: np.ndarray, min_count: float) -
             rest = shapes[name][2:]
             flags |= {f"{name}[{','.join(map(str, (g, k) + index))}]": reason for index in np.ndindex(*rest)}
     return flags
+
+
+def _initial_law_flags(model: FHMV, num_sequences: int, min_count: float) -> dict[str, str]:
+    """{label: reason} of the initial regime law when fewer than ``min_count`` sequence starts inform it (one
+    sequence: a single draw, whose maximum-likelihood law sits at or near a corner)."""
+    if num_sequences >= min_count:
+        return {}
+    reason = f"the initial law is estimated from {num_sequences} sequence start(s) (< {min_count:g})"
+    return {f"initial_regime[{g}]": reason for g in range(model.spec.num_regimes)}
 
 
 def _orthonormal_rows(matrix: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -468,8 +502,8 @@ def standard_errors(
             gradients).
         bound_tolerance: a natural parameter this close to a bound of its range (relative to the range's width)
             is flagged and held fixed.
-        min_count: a mixture component with fewer expected observations is flagged and held fixed (default: the
-            feature count D + 1).
+        min_count: a mixture component with fewer expected observations, and the initial regime law with fewer
+            sequences, are flagged and held fixed (default: the feature count D + 1).
         progress: show progress bars over the chunks.
 
     Returns:
@@ -493,8 +527,10 @@ def standard_errors(
     rtol = 1e-9 if model.dtype == jnp.float64 else 1e-5
     generic = np.abs(np.asarray(_natural_jacobian(jnp.zeros_like(problem.theta), model, problem.layout, natural)))
     fixed = generic.max(axis=1, initial=0.0) <= rtol * generic.max(initial=0.0)
-    flags = _bound_flags(estimates, labels, natural, natural_bounds(model.spec), bound_tolerance)
+    bounds = natural_bounds(model.spec)
+    flags = _bound_flags(estimates, labels, natural, bounds, bound_tolerance)
     flags |= {k: v for k, v in _sparse_component_flags(model, counts, min_count).items() if k not in flags}
+    flags |= {k: v for k, v in _initial_law_flags(model, problem.y.shape[0], min_count).items() if k not in flags}
     flags = {label: reason for label, reason, still in zip(labels, map(flags.get, labels), fixed, strict=True)
              if reason is not None and not still}
     flagged = np.array([label in flags for label in labels], bool)
@@ -549,6 +585,7 @@ def standard_errors(
         positive_definite=positive,
         newton_gain=newton_gain,
         num_observations=num_observations,
+        bounds=bounds,
     )
 
 

@@ -108,7 +108,8 @@ def test_per_step_scores_opg_and_delta_method_match_one_step_at_a_time(rng):
 
     with pytest.warns(UserWarning, match="not positive definite"):
         errors = diagnostics.standard_errors(model, y, x, kind="opg", chunk_size=16)
-    assert not errors.positive_definite and errors.num_identified == model.num_free_parameters
+    assert not errors.positive_definite and errors.num_identified == model.num_free_parameters - 1
+    assert set(errors.flagged) == {"initial_regime[0]", "initial_regime[1]"}, "one sequence start: pi is held"
     outer = reference.T @ reference
     covariance = errors.raw_covariance
     np.testing.assert_allclose(covariance @ outer @ covariance, covariance, rtol=0,
@@ -124,7 +125,7 @@ def test_per_step_scores_opg_and_delta_method_match_one_step_at_a_time(rng):
     finite = ~np.isnan(errors.standard_errors())
     np.testing.assert_allclose(errors.standard_errors()[finite], np.sqrt(np.diagonal(delta))[finite], rtol=1e-5)
     assert np.isnan(errors.natural["leverage_logits"][..., 0]).all(), "fixed logits have no standard error"
-    assert finite.sum() == len(errors.labels) - 4
+    assert finite.sum() == len(errors.labels) - 4 - 2
 
 
 GAUSSIAN_HMM = ModelSpec(num_features=2, num_regimes=2, num_chains=0, num_jump_states=1, num_components=1,
@@ -149,7 +150,7 @@ def test_standard_errors_at_a_maximum(rng):
     errors = {kind: diagnostics.standard_errors(fit, y, kind=kind) for kind in diagnostics.KINDS}
     hessian = errors["hessian"]
     assert hessian.positive_definite and hessian.information_eigenvalues[0] > 0
-    assert set(hessian.flagged) == {"initial_regime[0]", "initial_regime[1]"}, "EM puts pi at a corner"
+    assert set(hessian.flagged) == {"initial_regime[0]", "initial_regime[1]"}, "pi from one sequence start"
     assert hessian.num_identified == truth.num_free_parameters - 1
     assert hessian.newton_gain < 1e-9 and np.isfinite(hessian.condition_number)
     se = {kind: e.standard_errors() for kind, e in errors.items()}
@@ -165,6 +166,11 @@ def test_standard_errors_at_a_maximum(rng):
     row = rows[hessian.labels.index("means[1,0,0]")]
     assert row["low"] < row["estimate"] < row["high"]
     np.testing.assert_allclose(row["high"] - row["low"], 2 * 1.959964 * row["se"], rtol=1e-6)
+    switch = rows[hessian.labels.index("regime_transition[0,1]")]
+    p, logit = switch["estimate"], lambda v: np.log(v / (1 - v))
+    assert 0 < switch["low"] < p < switch["high"] < 1
+    np.testing.assert_allclose([logit(switch["low"]), logit(switch["high"])],
+                               logit(p) + np.array([-1, 1]) * 1.959964 * switch["se"] / (p * (1 - p)), rtol=1e-6)
 
     steps = np.array([-1.0, 0.0, 1.0])
     profile = diagnostics.profile_log_likelihood(fit, y, parameter="means[1,0,0]",
@@ -188,7 +194,7 @@ def test_parameters_at_bounds_and_empty_components_are_flagged_not_estimated(rng
     component = [label for label, reason in errors.flagged.items() if "expected observations" in reason]
     assert sorted(component) == sorted(["weights[1,1]", "means[1,1,0]", "means[1,1,1]", "dof[1,1]"] + [
         f"covariances[1,1,{i},{j}]" for i in range(2) for j in range(2)])
-    assert errors.num_identified == model.num_free_parameters - 8
+    assert errors.num_identified == model.num_free_parameters - 8 - 1, "and pi, from one sequence start"
     assert np.isnan(errors.natural["dof"][0, 0]) and np.isnan(errors.natural["means"][1, 1]).all()
 
 
