@@ -55,7 +55,7 @@ class DiagnoseConfig:
     run_dir: str = MISSING
     kind: str = "hessian"
     level: float = 0.95
-    chunk_size: int = 32
+    chunk_size: int = 16
     bound_tolerance: float = 1e-6
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 

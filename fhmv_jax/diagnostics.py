@@ -275,7 +275,7 @@ def _unwrap(model: FHMV | FitResult, what: str) -> FHMV:
 
 
 def score(model: FHMV | FitResult, y, x=None, *, lengths=None, per_observation: bool = False,
-          chunk_size: int = 32, progress: bool = False) -> Score:
+          chunk_size: int = 16, progress: bool = False) -> Score:
     """The gradient of log p(y) in the unconstrained coordinates, and optionally every step's.
 
     Args:
@@ -299,7 +299,7 @@ def score(model: FHMV | FitResult, y, x=None, *, lengths=None, per_observation: 
     return Score(value, arrays, float(np.linalg.norm(gradient)), problem.layout.labels(), steps)
 
 
-def hessian(model: FHMV | FitResult, y, x=None, *, lengths=None, chunk_size: int = 32,
+def hessian(model: FHMV | FitResult, y, x=None, *, lengths=None, chunk_size: int = 16,
             progress: bool = False) -> np.ndarray:
     """[P, P] the Hessian of log p(y) in the coordinates of ``score`` (P Hessian-vector products, ``chunk_size``
     per call). Arguments as ``score``."""
@@ -482,7 +482,7 @@ def standard_errors(
     *,
     lengths=None,
     kind: str = "hessian",
-    chunk_size: int = 32,
+    chunk_size: int = 16,
     bound_tolerance: float = 1e-6,
     min_count: float | None = None,
     progress: bool = False,

@@ -40,10 +40,17 @@ class MahalanobisTerms(NamedTuple):
     rest: Float[Array, "T G K"] | None
 
 
-def inverse_cholesky(chol: Float[Array, "G K D D"]) -> Float[Array, "G K D D"]:
-    """U^{-1} for lower-triangular U (computed once per model, outside any scan)."""
-    eye = jnp.broadcast_to(jnp.eye(chol.shape[-1], dtype=chol.dtype), chol.shape)
-    return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+def inverse_cholesky(chol: Float[Array, "... D D"]) -> Float[Array, "... D D"]:
+    """U^{-1} for lower-triangular U by forward substitution, one row per step: X_i = (e_i - U_i X) / U_ii with the
+    rows of X from i on still zero. Plain array operations instead of LAPACK's triangular solve, whose batched
+    calls (e.g. under ``vmap`` of a Hessian-vector product) have deadlocked XLA's CPU thread pool."""
+    num = chol.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(num, dtype=chol.dtype), chol.shape)
+    inverse = jnp.zeros_like(chol)
+    for i in range(num):
+        row = (eye[..., i, :] - jnp.einsum("...j,...jk->...k", chol[..., i, :], inverse)) / chol[..., i, i, None]
+        inverse = inverse.at[..., i, :].set(row)
+    return inverse
 
 
 def mask_patterns(scale_mask: tuple[bool, ...] | None, num_features: int, dtype) -> Float[Array, "E D D"]:
