@@ -330,12 +330,13 @@ class StandardErrors(NamedTuple):
             ``min_count`` sequences start. Those are held fixed: the others' standard errors are conditional on
             them.
         num_identified: k, the directions the standard errors are computed in.
-        information_eigenvalues: the smallest (up to 5) eigenvalues of the observed information -V^T H V.
+        information_eigenvalues: the smallest (up to 5) eigenvalues of the observed information A = -V^T H V (of
+            the outer product B for ``opg``, which computes no Hessian).
         condition_number: its largest over smallest eigenvalue (inf when not positive).
-        positive_definite: whether the observed information is positive definite (the model a strict local
-            maximum along every identified direction); without it there are no standard errors.
-        newton_gain: the gain per step of log p(y) a Newton step would still make, 0.5 g^T A^-1 g / n (about 0
-            at a maximum; inf when the information is not positive definite).
+        positive_definite: whether that matrix is positive definite (for A: the model a strict local maximum along
+            every identified direction); without it there are no standard errors.
+        newton_gain: the gain per step of log p(y) a Newton step would still make, 0.5 g^T A^-1 g / n (B for
+            ``opg``: the BHHH step); about 0 at a maximum, inf when the matrix is not positive definite.
         num_observations: n, the observed steps.
         bounds: {natural key: (low, high)} the open ranges of the bounded parameters (``FHMV`` blocks'
             ``natural_bounds``), for ``table``'s intervals.
@@ -537,35 +538,28 @@ def standard_errors(
     directions = identified_directions(jacobian, flagged, rtol)
 
     _, gradient = problem.gradient()
-    information = -(problem.hessian_products(directions, chunk_size, progress) @ directions.T)
-    information = 0.5 * (information + information.T)
+    outer = None
+    if kind != "hessian":
+        steps = problem.step_scores(directions, chunk_size, progress).reshape(directions.shape[0], -1)
+        outer = steps @ steps.T
+    if kind == "opg":
+        information = outer
+    else:
+        information = -(problem.hessian_products(directions, chunk_size, progress) @ directions.T)
+        information = 0.5 * (information + information.T)
     eigenvalues = np.linalg.eigvalsh(information)
     positive = _positive_definite(eigenvalues)
     num_observations = int(problem.mask.sum())
     projected = directions @ gradient
-    if positive:
-        newton_gain = 0.5 * float(projected @ _inverse(information) @ projected) / num_observations
-    else:
-        newton_gain = float("inf")
-        warnings.warn(_indefinite_message(information, directions, problem.layout.labels(), eigenvalues),
-                      UserWarning, stacklevel=2)
     covariance = np.full((directions.shape[0],) * 2, np.nan)
-    if kind != "hessian":
-        steps = problem.step_scores(directions, chunk_size, progress).reshape(directions.shape[0], -1)
-        outer = steps @ steps.T
-    if positive and kind == "hessian":
-        covariance = _inverse(information)
-    elif positive and kind == "sandwich":
+    newton_gain = float("inf")
+    if positive:
         inverse = _inverse(information)
-        covariance = inverse @ outer @ inverse
-    elif kind == "opg":
-        outer_eigenvalues = np.linalg.eigvalsh(outer)
-        if _positive_definite(outer_eigenvalues):
-            covariance = _inverse(outer)
-        else:
-            warnings.warn("standard_errors: the outer product of the per-step scores is singular (fewer steps than"
-                          " parameters, or a parameter no step informs): no OPG standard errors",
-                          UserWarning, stacklevel=2)
+        newton_gain = 0.5 * float(projected @ inverse @ projected) / num_observations
+        covariance = inverse @ outer @ inverse if kind == "sandwich" else inverse
+    else:
+        warnings.warn(_indefinite_message(kind, information, directions, problem.layout.labels(), eigenvalues),
+                      UserWarning, stacklevel=2)
     moved = jacobian @ directions.T
     natural_covariance = moved @ covariance @ moved.T
     errors = np.where(flagged | fixed, np.nan, np.sqrt(np.maximum(np.diagonal(natural_covariance), 0.0)))
@@ -589,16 +583,19 @@ def standard_errors(
     )
 
 
-def _indefinite_message(information: np.ndarray, directions: np.ndarray, raw_labels: tuple[str, ...],
+def _indefinite_message(kind: str, information: np.ndarray, directions: np.ndarray, raw_labels: tuple[str, ...],
                         eigenvalues: np.ndarray) -> str:
-    """The warning for an observed information that is not positive definite, naming the coordinates of its
-    weakest direction."""
+    """The warning for an information matrix that is not positive definite, naming the coordinates of its weakest
+    direction."""
     _, vectors = np.linalg.eigh(information)
     weakest = np.abs(vectors[:, 0] @ directions)
     top = [raw_labels[i] for i in np.argsort(weakest)[::-1][:3]]
-    return (f"standard_errors: the observed information is not positive definite (smallest eigenvalues"
-            f" {np.array2string(eigenvalues[:3], precision=3)}), mostly along {', '.join(top)}: the model is not a"
-            " strict maximum (not converged, or not identified); no standard errors (no pseudo-inverse is taken)")
+    what, cause = (("outer product of the per-step scores", "fewer steps than parameters, or a parameter no step"
+                    " informs") if kind == "opg" else
+                   ("observed information", "the model is not a strict maximum: not converged, or not identified"))
+    return (f"standard_errors: the {what} is not positive definite (smallest eigenvalues"
+            f" {np.array2string(eigenvalues[:3], precision=3)}), mostly along {', '.join(top)} ({cause}); no standard"
+            " errors (no pseudo-inverse is taken)")
 
 
 # ----------------------------------------------------------------------------------------
