@@ -41,6 +41,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 DIAGNOSTICS_FILE = "diagnostics.json"
 FIGURE_FILE = "diagnostics.png"
 _LOG_LIKELIHOOD_RTOL = 1e-8
+_PROFILE_RISE = 0.01
+"""Nats by which the profile may exceed the model's log-likelihood before the model is called no maximum."""
 
 
 @dataclass
@@ -91,23 +93,36 @@ def profile_parameter(errors: diagnostics.StandardErrors, chosen: str | None) ->
     raise ValueError("no mean has a standard error to profile; name one with profile.parameter")
 
 
+_MAX_TICKS = 30
+
+
+def _is_variance(label: str) -> bool:
+    """Whether a ``covariances[g,k,i,j]`` label is a diagonal entry."""
+    index = label[label.index("[") + 1:-1].split(",")
+    return index[-1] == index[-2]
+
+
 def draw(path: Path, errors: diagnostics.StandardErrors, rows: list[dict], profile: diagnostics.Profile | None,
          maximum: float, level: float) -> None:
-    """Estimates with Wald intervals per parameter group, and the profile log-likelihood of one parameter."""
+    """Estimates with Wald intervals per parameter group (covariances: the variances), and the profile
+    log-likelihood of one parameter relative to ``maximum``."""
     groups = sorted({row["parameter"].split("[")[0] for row in rows if np.isfinite(row["se"])})
     panels = max(len(groups) + (profile is not None), 1)
     columns = min(3, panels)
     figure, axes = plt.subplots(-(-panels // columns), columns, figsize=(5.5 * columns, 3.6 * -(-panels // columns)),
                                 squeeze=False)
     for ax, group in zip(axes.flat, groups, strict=False):
-        chosen = [row for row in rows if row["parameter"].split("[")[0] == group and np.isfinite(row["se"])]
+        chosen = [row for row in rows if row["parameter"].split("[")[0] == group and np.isfinite(row["se"])
+                  and (group != "covariances" or _is_variance(row["parameter"]))]
         positions = np.arange(len(chosen))
         estimates = np.array([row["estimate"] for row in chosen])
         ax.errorbar(estimates, positions, xerr=[estimates - [r["low"] for r in chosen],
                                                 [r["high"] for r in chosen] - estimates], fmt="o", ms=3, capsize=2)
-        ax.set_yticks(positions, [row["parameter"].removeprefix(group) for row in chosen], fontsize=7)
+        stride = -(-len(chosen) // _MAX_TICKS)
+        ax.set_yticks(positions[::stride], [row["parameter"].removeprefix(group) for row in chosen][::stride],
+                      fontsize=7)
         ax.invert_yaxis()
-        ax.set_title(f"{group} ({level:.0%} Wald)")
+        ax.set_title(f"{'variances' if group == 'covariances' else group} ({level:.0%} Wald)")
         ax.grid(alpha=0.3)
     if profile is not None:
         ax = axes.flat[len(groups)]
@@ -119,7 +134,7 @@ def draw(path: Path, errors: diagnostics.StandardErrors, rows: list[dict], profi
         quadratic = -0.5 * ((profile.values - row["estimate"]) / row["se"]) ** 2
         ax.plot(profile.values, quadratic, color="tab:orange", lw=1, label="Wald (quadratic)")
         ax.set_xlabel(profile.parameter)
-        ax.set_ylabel("log L - max")
+        ax.set_ylabel("log L - max of the profile")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     if not groups:
@@ -166,6 +181,11 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         values = row["estimate"] + np.linspace(-cfg.profile.width, cfg.profile.width, cfg.profile.points) * row["se"]
         profile = diagnostics.profile_log_likelihood(saved.model, y, parameter=parameter, values=values,
                                                      progress=True)
+        rise = float(profile.log_likelihoods.max() - criteria.log_likelihood)
+        if rise > _PROFILE_RISE:
+            print(f"warning: the profile rises {rise:.3g} nats above the model's log-likelihood: the fit is not at the"
+                  " maximum of the log-likelihood (EM's tolerance, or its covariance prior); refit with a smaller"
+                  " train.tol for standard errors that describe a maximum", file=sys.stderr)
     result = {
         "model": str(model_path), "kind": errors.kind, "level": cfg.level, "num_observations": errors.num_observations,
         "num_identified": errors.num_identified, "positive_definite": errors.positive_definite,
@@ -173,11 +193,14 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         "condition_number": errors.condition_number, "newton_gain_per_step": errors.newton_gain,
         "flagged": errors.flagged, "information_criteria": criteria.to_dict(), "parameters": rows,
         "profile": None if profile is None else {"parameter": profile.parameter, "values": profile.values.tolist(),
-                                                 "log_likelihoods": profile.log_likelihoods.tolist()},
+                                                 "log_likelihoods": profile.log_likelihoods.tolist(),
+                                                 "rise_above_model": rise},
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(output_dir / DIAGNOSTICS_FILE, json.dumps(result, indent=2, allow_nan=True).encode())
-    draw(output_dir / FIGURE_FILE, errors, rows, profile, criteria.log_likelihood, cfg.level)
+    maximum = criteria.log_likelihood if profile is None else max(criteria.log_likelihood,
+                                                                     float(profile.log_likelihoods.max()))
+    draw(output_dir / FIGURE_FILE, errors, rows, profile, maximum, cfg.level)
     print(f"wrote {output_dir / DIAGNOSTICS_FILE} and {output_dir / FIGURE_FILE}")
     return result
 
