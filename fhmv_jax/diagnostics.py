@@ -189,6 +189,11 @@ def _natural_jacobian(theta, model: FHMV, layout: FlatLayout, natural: FlatLayou
     return jax.jacfwd(lambda t: natural.ravel(model_at(model, layout, t).natural_parameters()))(theta)
 
 
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
 def _in_chunks(product: Callable[[Array], Array], directions: np.ndarray, chunk_size: int, progress: bool,
                description: str) -> np.ndarray:
     """``product`` of the rows of ``directions`` [k, P], ``chunk_size`` rows per call (the last chunk padded with
@@ -289,6 +294,7 @@ def score(model: FHMV | FitResult, y, x=None, *, lengths=None, per_observation: 
     Raises:
         ValueError: bad observations (as ``fit_em``).
     """
+    _check_chunk_size(chunk_size)
     problem = _Problem.of(_unwrap(model, "score"), y, x, lengths, "score")
     value, gradient = problem.gradient()
     steps = None
@@ -303,6 +309,7 @@ def hessian(model: FHMV | FitResult, y, x=None, *, lengths=None, chunk_size: int
             progress: bool = False) -> np.ndarray:
     """[P, P] the Hessian of log p(y) in the coordinates of ``score`` (P Hessian-vector products, ``chunk_size``
     per call). Arguments as ``score``."""
+    _check_chunk_size(chunk_size)
     problem = _Problem.of(_unwrap(model, "hessian"), y, x, lengths, "hessian")
     products = problem.hessian_products(np.eye(problem.layout.size), chunk_size, progress)
     return 0.5 * (products + products.T)
@@ -515,8 +522,7 @@ def standard_errors(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     problem = _Problem.of(_unwrap(model, "standard_errors"), y, x, lengths, "standard_errors")
     model = problem.model
     natural = natural_layout(model)

@@ -201,6 +201,8 @@ def test_bad_requests_are_refused_with_their_reason(rng):
     model, y, x = _tiny("none", rng)
     with pytest.raises(ValueError, match="kind must be one of"):
         diagnostics.standard_errors(model, y, x, kind="bootstrap")
+    with pytest.raises(ValueError, match="chunk_size"):
+        diagnostics.score(model, y, x, per_observation=True, chunk_size=0)
     y[3, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         diagnostics.standard_errors(model, y, x)
