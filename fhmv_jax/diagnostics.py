@@ -194,6 +194,12 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 
+def _structural_jacobian(model: FHMV, layout: FlatLayout, natural: FlatLayout) -> np.ndarray:
+    """[Q, P] |d natural / d theta| at the generic point theta = 0 (uniform laws, unit scales, mid-range bounded
+    values): zero exactly where a coordinate cannot move a natural parameter, whatever the estimate."""
+    return np.abs(np.asarray(_natural_jacobian(jnp.zeros(layout.size, model.dtype), model, layout, natural)))
+
+
 def _in_chunks(product: Callable[[Array], Array], directions: np.ndarray, chunk_size: int, progress: bool,
                description: str) -> np.ndarray:
     """``product`` of the rows of ``directions`` [k, P], ``chunk_size`` rows per call (the last chunk padded with
@@ -532,7 +538,7 @@ def standard_errors(
     counts = np.asarray(_component_counts(model, problem.y, problem.x, problem.mask))
     min_count = model.spec.num_features + 1 if min_count is None else min_count
     rtol = 1e-9 if model.dtype == jnp.float64 else 1e-5
-    generic = np.abs(np.asarray(_natural_jacobian(jnp.zeros_like(problem.theta), model, problem.layout, natural)))
+    generic = _structural_jacobian(model, problem.layout, natural)
     fixed = generic.max(axis=1, initial=0.0) <= rtol * generic.max(initial=0.0)
     bounds = natural_bounds(model.spec)
     flags = _bound_flags(estimates, labels, natural, bounds, bound_tolerance)
@@ -628,8 +634,7 @@ def _own_coordinate(model: FHMV, layout: FlatLayout, natural: FlatLayout, parame
     if parameter not in labels:
         raise ValueError(f"unknown parameter {parameter!r}; natural labels look like {labels[0]!r}, {labels[-1]!r}")
     row = labels.index(parameter)
-    generic = np.abs(np.asarray(_natural_jacobian(jnp.zeros(layout.size, model.dtype), model, layout, natural)))[row]
-    moving = np.flatnonzero(generic > 0)
+    moving = np.flatnonzero(_structural_jacobian(model, layout, natural)[row] > 0)
     if moving.size != 1:
         raise ValueError(f"a profile needs a parameter set by one unconstrained coordinate of its own (a mean, nu,"
                          f" c_1, theta, l_1, ...); {parameter} depends on {moving.size}")

@@ -43,10 +43,10 @@ def _optax_promotion():
 
 def _model(model: FHMV, params: dict[str, Array], hold: dict[str, Array] | None = None) -> FHMV:
     """``model`` with its free arrays from ``params``, except the coordinates ``hold`` flags (kept as in ``model``)."""
+    raw = model.raw_arrays()
     if hold is not None:
-        raw = model.raw_arrays()
         params = {k: jnp.where(hold[k], raw[k], v) if k in hold else v for k, v in params.items()}
-    return FHMV.from_raw_arrays(model.spec, model.raw_arrays() | params)
+    return FHMV.from_raw_arrays(model.spec, raw | params)
 
 
 def _loss(params, model: FHMV, hold, y, x, mask, prior: CovariancePrior, scale, num_steps) -> Scalar:
@@ -63,18 +63,21 @@ def _point(params, model: FHMV, hold, loss: Scalar, prior: CovariancePrior, num_
 
 @eqx.filter_jit
 def _full_batch_step(params, state, optimizer, model, hold, y, x, mask, prior, num_steps):
-    """One optimizer step on every sequence; returns (params, state, ``StepInfo`` of the new params)."""
+    """One optimizer step on every sequence; returns (params, state, ``StepInfo`` of the new params, whose loss a
+    line search has already evaluated)."""
     def loss(p):
         return _loss(p, model, hold, y, x, mask, prior, 1.0, num_steps)
 
-    if optax.tree_utils.tree_get(state, "value") is not None:
+    line_search = optax.tree_utils.tree_get(state, "value") is not None
+    if line_search:
         value, grad = optax.value_and_grad_from_state(loss)(params, state=state)
     else:
         value, grad = jax.value_and_grad(loss)(params)
     with _optax_promotion():
         updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=loss)
     params = optax.apply_updates(params, updates)
-    return params, state, _point(params, model, hold, loss(params), prior, num_steps)
+    new_value = optax.tree_utils.tree_get(state, "value") if line_search else loss(params)
+    return params, state, _point(params, model, hold, new_value, prior, num_steps)
 
 
 @eqx.filter_jit
