@@ -168,13 +168,13 @@ class PersistenceChains(AbstractVolatilityFactor):
     @classmethod
     def from_natural(cls, spec, values, dtype=None):
         p = values["persistence_stay"]
-        check_interval("persistence_stay", p, 0.0, 1.0, "both")
+        check_interval("persistence_stay", p, *cls.natural_bounds(spec)["persistence_stay"], "both")
         if spec.tied_persistence and not np.allclose(p, p[0], rtol=0, atol=1e-12):
             raise ValueError(f"tied_persistence needs equal persistence_stay values, got {p}")
-        check_interval("c1", values["c1"], 1.0, np.inf, "neither")
+        check_interval("c1", values["c1"], *cls.natural_bounds(spec)["c1"], "neither")
         theta = None
         if "theta_c" in values:
-            check_interval("theta_c", values["theta_c"], 0.0, 1.0, "neither")
+            check_interval("theta_c", values["theta_c"], *cls.natural_bounds(spec)["theta_c"], "neither")
             theta = logit(values["theta_c"])
         stay, c1 = logit(p[:1] if spec.tied_persistence else p), np.log(values["c1"] - 1)
         return cls(spec.num_chains, spec.tied_persistence, *(as_array(a, dtype) for a in (stay, c1, theta)))
@@ -282,10 +282,10 @@ class JumpChain(AbstractVolatilityFactor):
     @classmethod
     def from_natural(cls, spec, values, dtype=None):
         raw = _jump_raw(spec, values["jump_transition"])
-        check_interval("m1", values["m1"], 1.0, np.inf, "neither")
+        check_interval("m1", values["m1"], *cls.natural_bounds(spec)["m1"], "neither")
         theta = None
         if "theta_m" in values:
-            check_interval("theta_m", values["theta_m"], 0.0, 1.0, "neither")
+            check_interval("theta_m", values["theta_m"], *cls.natural_bounds(spec)["theta_m"], "neither")
             theta = logit(values["theta_m"])
         return cls(spec.num_jump_states, spec.jump_mode, *(as_array(raw[k], dtype) for k in cls.transition_fields),
                    as_array(np.log(values["m1"] - 1), dtype), as_array(theta, dtype))
@@ -443,10 +443,10 @@ class PredictableLeverage(AbstractLeverage):
 
     @classmethod
     def from_natural(cls, spec, values, dtype=None):
-        check_interval("l1", values["l1"], 0.0, np.inf, "neither")
+        check_interval("l1", values["l1"], *cls.natural_bounds(spec)["l1"], "neither")
         theta = None
         if "theta_l" in values:
-            check_interval("theta_l", values["theta_l"], 0.0, 1.0, "left")
+            check_interval("theta_l", values["theta_l"], *cls.natural_bounds(spec)["theta_l"], "left")
             theta = logit(values["theta_l"])
         return cls(spec.num_leverage_lags, as_array(np.log(values["l1"]), dtype), as_array(theta, dtype))
 
@@ -525,7 +525,7 @@ class MarkovLeverage(AbstractLeverage):
 
     @classmethod
     def from_natural(cls, spec, values, dtype=None):
-        check_interval("l1", values["l1"], 1.0, np.inf, "neither")
+        check_interval("l1", values["l1"], *cls.natural_bounds(spec)["l1"], "neither")
         logits = values["leverage_logits"]
         if np.any(logits[..., 0] != 0):
             raise ValueError("leverage_logits[..., 0] (the logits of moving to state 0) must be zero")
