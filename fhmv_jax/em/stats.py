@@ -243,6 +243,7 @@ def e_step(
     mask: Bool[Array, " T"],
     *,
     block_steps: int | None = None,
+    method: str = "sequential",
 ) -> SequenceStats:
     """Forward-backward over one (possibly padded) sequence and the ECM statistics.
 
@@ -258,6 +259,7 @@ def e_step(
         x: [T] driver or ``None`` (finite on padding too).
         mask: [T] True on valid steps, which come first.
         block_steps: steps per block of the forward-backward pass (default: by the state count).
+        method: the inference backend (``inference.forward_backward``).
 
     Returns:
         ``SequenceStats``.
@@ -293,7 +295,7 @@ def e_step(
         return jnp.sum(gamma, axis=1), tau * expected_w
 
     posterior = forward_backward(inputs.initial, transitions, inputs.emissions.likelihoods, inputs.rows, mask,
-                                 reduce=reduce, collect=collect, block_steps=block_steps, pairwise_sums=True,
+                                 reduce=reduce, collect=collect, block_steps=block_steps, pairwise_sums=True, method=method,
                                  pairwise_steps=tuple(varying))
     sums, step_weights = posterior.sums, posterior.steps
     counts = posterior.pairwise_sums
@@ -321,7 +323,8 @@ def e_step(
 
 
 def batch_e_step(
-    model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None
+    model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None,
+    method: str = "sequential",
 ) -> SequenceStats:
     """``e_step`` vmapped over a leading sequence axis: every field gains a leading [B]."""
-    return jax.vmap(lambda yb, xb, mb: e_step(model, yb, xb, mb, block_steps=block_steps))(y, x, mask)
+    return jax.vmap(lambda yb, xb, mb: e_step(model, yb, xb, mb, block_steps=block_steps, method=method))(y, x, mask)

@@ -15,13 +15,17 @@ from .blocked import (
     smoother,
 )
 from .filter import forward_scan
+from .parallel import METHODS, auto_method, check_method
 from .viterbi import most_likely_states
 
 __all__ = [
+    "METHODS",
     "BlockPosterior",
     "FilterPosterior",
     "Posterior",
     "SmootherPosterior",
+    "auto_method",
+    "check_method",
     "forward_backward",
     "forward_filter",
     "forward_scan",

@@ -40,6 +40,7 @@ from ._ops import (
     split_pairwise,
     time_varying,
 )
+from . import parallel
 from .filter import forward_scan
 from .smoother import (
     axes_by_kind,
@@ -87,6 +88,19 @@ class BlockPosterior(NamedTuple):
     weighted: Float[Array, "L ..."]
     smoothed: Float[Array, "L ..."]
     incoming: tuple[Array, ...]
+
+
+FORWARD_SCANS = {"sequential": forward_scan, "parallel": parallel.forward_scan}
+
+
+def resolve_method(method: str, initial_probs: Array, transitions: Transitions, num_steps: int) -> str:
+    """``"sequential"`` or ``"parallel"``: ``method`` itself, or for ``"auto"`` ``parallel.auto_method`` of the
+    scans' state count (the rank-one axes summed out)."""
+    parallel.check_method(method)
+    if method != "auto":
+        return method
+    kept = math.prod(n for n, m in zip(initial_probs.shape, transitions, strict=True) if not is_rank_one(m))
+    return parallel.auto_method(kept, num_steps)
 
 
 Reduction = Callable[[object, BlockPosterior], object]
@@ -190,8 +204,11 @@ class FilterPosterior(NamedTuple):
     step_log_likelihoods: Float[Array, " T"]
 
 
-def default_block_steps(num_states: int) -> int:
-    """The power of two nearest below ``BLOCK_STATE_STEPS / num_states``."""
+def default_block_steps(num_states: int, method: str = "sequential") -> int:
+    """The power of two nearest below ``BLOCK_STATE_STEPS / num_states`` (the parallel backend:
+    ``parallel.default_block_steps``, by its [L, S, S] elements)."""
+    if method == "parallel":
+        return parallel.default_block_steps(num_states)
     return 1 << max((BLOCK_STATE_STEPS // num_states).bit_length() - 1, 0)
 
 
@@ -251,7 +268,7 @@ class _Layout(NamedTuple):
     first: Array | None
 
     @classmethod
-    def of(cls, initial_probs, transitions, inputs, mask, block_steps) -> _Layout:
+    def of(cls, initial_probs, transitions, inputs, mask, block_steps, method: str = "sequential") -> _Layout:
         kept_states = math.prod(n for n, m in zip(initial_probs.shape, transitions, strict=True) if not is_rank_one(m))
         merged = merge_invariant_axes(transitions, initial_probs.shape,
                                       MERGE_STATES_LARGE if kept_states > LARGE_STATES else MERGE_STATES)
@@ -264,7 +281,8 @@ class _Layout(NamedTuple):
             conditional = jnp.where(lifted > 0, initial / jnp.where(lifted > 0, lifted, 1.0), 0.0)
             laws = split.laws(merged.transitions)
             initial = kept_initial[0]
-        num_blocks, size = block_layout(mask.shape[0], block_steps or default_block_steps(initial_probs.size))
+        num_blocks, size = block_layout(mask.shape[0], block_steps or default_block_steps(
+            kept_states if method == "parallel" else initial_probs.size, method))
         if split.rank_one:
             first = _blocked(jnp.arange(mask.shape[0]) == 0, num_blocks, size, mode="constant")
         outgoing = time_varying(merged.transitions)
@@ -342,8 +360,9 @@ class _Forward(NamedTuple):
 
 
 def _forward_blocks(layout: _Layout, likelihoods: Likelihoods, keep_likelihoods: bool = False,
-                    full_filtered: bool = False) -> _Forward:
+                    full_filtered: bool = False, method: str = "sequential") -> _Forward:
     rank_one = bool(layout.split.rank_one)
+    scan = FORWARD_SCANS[method]
     kept_transitions = layout.kept_transitions
 
     def forward_block(carry, rows):
@@ -351,11 +370,11 @@ def _forward_blocks(layout: _Layout, likelihoods: Likelihoods, keep_likelihoods:
         scaled, shift = _scaled_block(likelihoods, block_inputs, block_valid, layout.merged.shape)
         kept = scaled if keep_likelihoods else None
         if not rank_one:
-            predicted, filtered, normalisers = forward_scan(carry, kept_transitions, scaled, outgoing)
+            predicted, filtered, normalisers = scan(carry, kept_transitions, scaled, outgoing)
             return predicted, (filtered, normalisers, shift, kept)
         predicted, full_before = carry
         reduced = layout.kept_likelihoods(scaled, block_valid, first)
-        predicted, _, normalisers, steps = forward_scan(predicted, kept_transitions, reduced, outgoing,
+        predicted, _, normalisers, steps = scan(predicted, kept_transitions, reduced, outgoing,
                                                         with_predicted=True)
         full = layout.full_filtered(steps, scaled, normalisers, first) if full_filtered else None
         last = layout.last_filtered(steps, scaled, normalisers, first)
@@ -375,11 +394,13 @@ def forward_filter(
     mask: Bool[Array, " T"],
     *,
     block_steps: int | None = None,
+    method: str = "sequential",
 ) -> FilterPosterior:
     """log p(y) and the filtered laws of every step (arguments as in ``forward_backward``); a caller that
     uses only the log-likelihood stores nothing per step (XLA drops the unused laws)."""
-    layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps)
-    forward = _forward_blocks(layout, likelihoods, full_filtered=True)
+    method = resolve_method(method, initial_probs, transitions, mask.shape[0])
+    layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps, method)
+    forward = _forward_blocks(layout, likelihoods, full_filtered=True, method=method)
     filtered = forward.filtered if forward.full_filtered is None else forward.full_filtered
     num_steps = mask.shape[0]
     steps = (jnp.log(forward.normalisers) + forward.shifts).reshape(-1)[:num_steps]
@@ -496,6 +517,7 @@ def forward_backward(
     keep_likelihoods: bool = False,
     pairwise_sums: bool = False,
     pairwise_steps: tuple[int, ...] = (),
+    method: str = "sequential",
 ) -> Posterior:
     """The forward pass, then the backward pass block by block in reverse, handing each block's
     posterior to ``reduce`` (summed over blocks) and ``collect`` (stacked over steps).
@@ -517,18 +539,22 @@ def forward_backward(
             from one Gram matrix per block over the kept axes when they have at most ``GRAM_STATES`` states,
             else factor by factor (O(S * sum_f n_f) per step).
         pairwise_steps: axes whose per-step two-slice marginals to return (``Posterior.pairwise_steps``).
+        method: ``"sequential"`` (the scans of ``filter`` and ``smoother``), ``"parallel"`` (the associative
+            scans of ``parallel`` within each block) or ``"auto"`` (``parallel.auto_method``); the same numbers
+            up to rounding.
 
     Returns:
         ``Posterior``.
     """
     shape = initial_probs.shape
     num_steps = mask.shape[0]
-    layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps)
+    method = resolve_method(method, initial_probs, transitions, num_steps)
+    layout = _Layout.of(initial_probs, transitions, inputs, mask, block_steps, method)
     split, size = layout.split, layout.size
     merged_shape = layout.merged.shape
     rank_one = bool(split.rank_one)
     pairwise_steps = tuple(pairwise_steps)
-    forward = _forward_blocks(layout, likelihoods, keep_likelihoods)
+    forward = _forward_blocks(layout, likelihoods, keep_likelihoods, method=method)
     last = forward.filtered[:, -1] if forward.filtered is not None else (
         forward._replace(predicted=forward.predicted[:, -1:], reduced=forward.reduced[:, -1:],
                          normalisers=forward.normalisers[:, -1:]).kept_filtered()[:, 0])
@@ -543,7 +569,11 @@ def forward_backward(
         kept_scaled = reduced if rank_one else scaled
         if rank_one:  # the scan's arithmetic: (predicted * b_bar) / c
             alpha = predicted * reduced / block_normalisers.reshape(kept_steps)
-        beta, betas = backward_scan(beta, layout.kept_transitions, kept_scaled, block_normalisers, incoming)
+        if method == "parallel":
+            beta, betas = parallel.backward_scan(beta, layout.kept_transitions, kept_scaled, block_normalisers,
+                                                 incoming, alpha)
+        else:
+            beta, betas = backward_scan(beta, layout.kept_transitions, kept_scaled, block_normalisers, incoming)
         valid = block_valid.reshape(kept_steps)
         kept = _KeptPosterior(
             previous=jnp.concatenate([alpha_before[None], alpha[:-1]]) * valid,
@@ -604,9 +634,10 @@ def smoother(
     mask: Bool[Array, " T"],
     *,
     block_steps: int | None = None,
+    method: str = "sequential",
 ) -> SmootherPosterior:
     """Smoothed laws and every factor's per-step two-slice marginals (arguments as in ``forward_backward``)."""
-    posterior = forward_backward(initial_probs, transitions, likelihoods, inputs, mask,
+    posterior = forward_backward(initial_probs, transitions, likelihoods, inputs, mask, method=method,
                                  collect=lambda _, block: block.smoothed, block_steps=block_steps,
                                  keep_likelihoods=True, pairwise_steps=tuple(range(len(transitions))))
     return SmootherPosterior(posterior.log_likelihood, posterior.steps, tuple(p[1:] for p in posterior.pairwise_steps))

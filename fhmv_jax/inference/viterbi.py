@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Float, Int
+from . import parallel
 from ._ops import UNROLL, Transitions, at_step, dense, max_product_step, time_varying
 
 
@@ -24,6 +25,9 @@ def most_likely_states(
     initial_probs: Float[Array, "..."],
     transitions: Transitions,
     log_likelihoods: Float[Array, "T ..."],
+    *,
+    method: str = "sequential",
+    block_steps: int | None = None,
 ) -> Int[Array, "T F"]:
     """Viterbi path in log space, one factor's max-product at a time.
 
@@ -36,10 +40,18 @@ def most_likely_states(
         initial_probs: [*shape] law of h_1.
         transitions: one matrix per axis ([n, n] or [T, n, n], entry t from step t to t + 1).
         log_likelihoods: [T, *shape] log p(y_t | h_t).
+        method: ``"sequential"``, ``"parallel"`` (``parallel.most_likely_states``, blocks of ``block_steps``) or
+            ``"auto"`` (``parallel.auto_method`` of the joint state count).
 
     Returns:
-        [T, F] the index of every factor's state along the path.
+        [T, F] the index of every factor's state along the path (with ties, the paths of the two methods may
+        differ; their joint log-probabilities do not).
     """
+    parallel.check_method(method)
+    if method == "auto":
+        method = parallel.auto_method(initial_probs.size, log_likelihoods.shape[0])
+    if method == "parallel":
+        return parallel.most_likely_states(initial_probs, transitions, log_likelihoods, block_steps=block_steps)
     shape = log_likelihoods.shape[1:]
     log_transitions = tuple(jnp.log(m) for m in transitions)
     dynamic = time_varying(log_transitions)

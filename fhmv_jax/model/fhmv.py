@@ -291,24 +291,35 @@ class FHMV(eqx.Module):
                            (updated(self.persistence), updated(self.jump), updated(self.leverage)),
                            is_leaf=lambda node: node is None)
 
-    def _inputs(self, y, x):
-        return check_observations(self.spec, y, x, dtype=self.dtype)
+    def _inputs(self, y, x, method):
+        inference.check_method(method)
+        return (*check_observations(self.spec, y, x, dtype=self.dtype), method)
 
-    def log_likelihood(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None) -> Scalar:
-        """log p(y_{1:T}) by the scaled forward filter; differentiable in the parameters."""
-        return _log_likelihood(self, *self._inputs(y, x))
+    def log_likelihood(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None, *,
+                       method: str = "auto") -> Scalar:
+        """log p(y_{1:T}) by the scaled forward filter; differentiable in the parameters.
 
-    def filter(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None) -> FilterResult:
+        ``method`` (here and in ``filter``, ``smooth``, ``viterbi``): ``"sequential"`` (scans over time),
+        ``"parallel"`` (associative scans, O(log T) depth: for accelerators) or ``"auto"`` (parallel on an
+        accelerator for up to ``inference.parallel.AUTO_MAX_STATES`` states, else sequential); the same numbers
+        up to rounding.
+        """
+        return _log_likelihood(self, *self._inputs(y, x, method))
+
+    def filter(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None, *,
+               method: str = "auto") -> FilterResult:
         """Filtered probabilities P(. | y_{1:t}) of the joint state and of every factor."""
-        return _filter(self, *self._inputs(y, x))
+        return _filter(self, *self._inputs(y, x, method))
 
-    def smooth(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None) -> SmoothResult:
+    def smooth(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None, *,
+               method: str = "auto") -> SmoothResult:
         """Smoothed marginals P(. | y_{1:T}) and per-factor two-slice marginals."""
-        return _smooth(self, *self._inputs(y, x))
+        return _smooth(self, *self._inputs(y, x, method))
 
-    def viterbi(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None) -> Factors:
+    def viterbi(self, y: Float[Array, "T D"], x: Float[Array, " T"] | None = None, *,
+                method: str = "auto") -> Factors:
         """The most likely joint state path, reported per factor (``.regime`` is [T])."""
-        return _viterbi(self, *self._inputs(y, x))
+        return _viterbi(self, *self._inputs(y, x, method))
 
     def sample(self, key: PRNGKeyArray, num_steps: int, x: Float[Array, " T"] | None = None) -> Sample:
         """Draw states and observations for ``num_steps`` steps.
@@ -499,50 +510,54 @@ def _all_steps(y: Array) -> Bool[Array, " T"]:
 
 
 def sequence_filter(
-    model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"], *, block_steps: int | None = None
+    model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"], *, block_steps: int | None = None,
+    method: str = "sequential",
 ) -> inference.FilterPosterior:
-    """The blocked forward filter of the valid steps (``mask``, a prefix) of one sequence."""
+    """The blocked forward filter of the valid steps (``mask``, a prefix) of one sequence (``method``: the
+    inference backend, see ``inference.forward_backward``)."""
     s = sequence_inputs(model, y, x)
     return inference.forward_filter(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mask,
-                                    block_steps=block_steps)
+                                    block_steps=block_steps, method=method)
 
 
 def sequence_log_likelihood(
-    model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"], *, block_steps: int | None = None
+    model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"], *, block_steps: int | None = None,
+    method: str = "sequential",
 ) -> Scalar:
     """log p(y) of the valid steps (``mask``, a prefix) of one sequence."""
-    return sequence_filter(model, y, x, mask, block_steps=block_steps).log_likelihood
+    return sequence_filter(model, y, x, mask, block_steps=block_steps, method=method).log_likelihood
 
 
 @eqx.filter_jit
-def _log_likelihood(model: FHMV, y: Array, x: Array | None) -> Scalar:
-    return sequence_log_likelihood(model, y, x, _all_steps(y))
+def _log_likelihood(model: FHMV, y: Array, x: Array | None, method: str) -> Scalar:
+    return sequence_log_likelihood(model, y, x, _all_steps(y), method=method)
 
 
 @eqx.filter_jit
-def _filter(model: FHMV, y: Array, x: Array | None) -> FilterResult:
-    posterior = sequence_filter(model, y, x, _all_steps(y))
+def _filter(model: FHMV, y: Array, x: Array | None, method: str) -> FilterResult:
+    posterior = sequence_filter(model, y, x, _all_steps(y), method=method)
     return FilterResult(posterior.log_likelihood, _marginals(model.spec, posterior.filtered), posterior.filtered)
 
 
-def smoother(model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"]) -> inference.SmootherPosterior:
+def smoother(model: FHMV, y: Array, x: Array | None, mask: Bool[Array, " T"], *,
+             method: str = "sequential") -> inference.SmootherPosterior:
     """The forward-backward posterior of one sequence whose valid steps are ``mask`` (a prefix)."""
     s = sequence_inputs(model, y, x)
-    return inference.smoother(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mask)
+    return inference.smoother(s.initial, s.transitions, s.emissions.likelihoods, s.rows, mask, method=method)
 
 
 @eqx.filter_jit
-def _smooth(model: FHMV, y: Array, x: Array | None) -> SmoothResult:
-    posterior = smoother(model, y, x, _all_steps(y))
+def _smooth(model: FHMV, y: Array, x: Array | None, method: str) -> SmoothResult:
+    posterior = smoother(model, y, x, _all_steps(y), method=method)
     joint = posterior.smoothed
     pairwise = _split_factors(model.spec, list(posterior.pairwise), stack_axis=1)
     return SmoothResult(posterior.log_likelihood, _marginals(model.spec, joint), pairwise, joint)
 
 
 @eqx.filter_jit
-def _viterbi(model: FHMV, y: Array, x: Array | None) -> Factors:
+def _viterbi(model: FHMV, y: Array, x: Array | None, method: str) -> Factors:
     s = sequence_inputs(model, y, x)
-    path = inference.most_likely_states(s.initial, s.transitions, s.emissions.log_densities(s.rows))
+    path = inference.most_likely_states(s.initial, s.transitions, s.emissions.log_densities(s.rows), method=method)
     return _split_factors(model.spec, list(path.T), stack_axis=1)
 
 
