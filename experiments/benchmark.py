@@ -9,6 +9,9 @@ Usage:
     python experiments/benchmark.py published --chains 2 4 8 10 --steps 5000   # S&P 500 returns (needs arch)
     python experiments/benchmark.py standard_errors --steps 10000   # the default spec's standard errors
     python experiments/benchmark.py coverage --replications 200 --steps 2000   # Wald intervals' coverage
+    python experiments/benchmark.py scale --scale-parts inference --states 16 48 96 --steps 1000 100000 1000000
+    python experiments/benchmark.py scale --scale-parts em batch --steps 1000            # EM iteration; B x T batches
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python experiments/benchmark.py scale --scale-parts devices
 
 Every figure is the best of ``--repeats`` runs after compilation (``published``: the median and
 the best); compile time is measured separately with ahead-of-time lowering and compilation.
@@ -372,10 +375,90 @@ def run_coverage(replications: int, num_steps: int, level: float = 0.95) -> list
     return rows
 
 
+SCALE_PARTS = ("inference", "em", "batch", "devices")
+
+
+def scale_spec(num_states: int) -> fhmv_jax.ModelSpec:
+    """The specs of the ``scale`` table: 16 states (G = 4, one chain, two jump states, no leverage: time-invariant),
+    48 (G = 6, Markov leverage: time-varying) and 96 (the default spec)."""
+    if num_states == 96:
+        return fhmv_jax.ModelSpec(driver_feature=5)
+    if num_states == 48:
+        return fhmv_jax.ModelSpec(num_regimes=6, num_chains=1, driver_feature=5)
+    if num_states == 16:
+        return fhmv_jax.ModelSpec(num_regimes=4, num_chains=1, leverage="none")
+    raise ValueError(f"scale: --states takes 16, 48 or 96, got {num_states}")
+
+
+def scale_model(num_states: int, dtype) -> fhmv_jax.FHMV:
+    """A model of ``scale_spec(num_states)`` initialised (k-means) on 2000 steps of the example model's data."""
+    y = example_model(jax.random.key(0)).sample(jax.random.key(1), 2000).observations
+    spec = scale_spec(num_states)
+    return init_model(jax.random.key(2), spec, y).astype(dtype)
+
+
+def _core_log_likelihood(initial, transitions, log_densities, method: str):
+    """The inference core's filter on precomputed log-densities [T, *shape] (what dynamax's filter takes)."""
+    def likelihoods(rows):
+        shift = jnp.max(rows.reshape(rows.shape[0], -1), axis=1)
+        return jnp.exp(rows - shift.reshape((-1,) + (1,) * (rows.ndim - 1))), shift
+
+    mask = jnp.ones(log_densities.shape[0], bool)
+    return fhmv_jax.inference.forward_filter(initial, transitions, likelihoods, log_densities, mask,
+                                             method=method).log_likelihood
+
+
+def run_scale_inference(states: list[int], steps: list[int], repeats: int, dtype) -> list[str]:
+    """ns per step of the filter (log-likelihood) by both backends, and dynamax's parallel filter (16 states)."""
+    from fhmv_jax.model import sequence_inputs
+
+    rows = ["| S | T | method | compile (s) | run (s) | ns / step | relative difference to sequential |",
+            "|---|---|---|---|---|---|---|"]
+    for num_states in states:
+        model = scale_model(num_states, dtype)
+        for T in steps:
+            sample = model.sample(jax.random.key(T), T)
+            y = sample.observations
+            x = y[:, model.spec.driver_feature] if model.spec.needs_driver else None
+            values = {}
+            for method in ("sequential", "parallel"):
+                fn = jax.jit(lambda m, y, x, method=method: m.log_likelihood(y, x, method=method))
+                compiled = compile_seconds(fn, (model, y, x))
+                seconds = best_of(fn, (model, y, x), repeats)
+                values[method] = float(fn(model, y, x))
+                difference = abs(values[method] / values["sequential"] - 1)
+                rows.append(f"| {num_states} | {T} | {method} | {compiled:.2f} | {seconds:.4f} | "
+                            f"{1e9 * seconds / T:.0f} | {difference:.1e} |")
+                print(rows[-1], flush=True)
+            if num_states != 16:
+                continue
+            s = sequence_inputs(model, y, x)
+            log_densities = s.emissions.log_densities(s.rows)
+            transition = fhmv_jax.inference.parallel.joint_matrix(s.transitions)
+            initial = s.initial.reshape(-1)
+            flat = log_densities.reshape(T, -1)
+            core = jax.jit(lambda i, t, ld: _core_log_likelihood(i, t, ld, "parallel"))
+            peers = {"core (log-densities given)": (core, (s.initial, s.transitions, log_densities))}
+            try:
+                from dynamax.hidden_markov_model import parallel_hmm_filter
+                peer = jax.jit(lambda i, a, ld: parallel_hmm_filter(i, a, ld).marginal_loglik)
+                peers["dynamax parallel_hmm_filter"] = (peer, (initial, transition, flat))
+            except ImportError:
+                print("dynamax not installed: no peer row (pip install -e '.[bench]')")
+            for name, (fn, args) in peers.items():
+                compiled = compile_seconds(fn, args)
+                seconds = best_of(fn, args, repeats)
+                difference = abs(float(fn(*args)) / values["sequential"] - 1)
+                rows.append(f"| {num_states} | {T} | {name} | {compiled:.2f} | {seconds:.4f} | "
+                            f"{1e9 * seconds / T:.0f} | {difference:.1e} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm", "stream", "published",
-                                          "standard_errors", "coverage"])
+                                          "standard_errors", "coverage", "scale"])
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="sequence lengths (default 1000 10000 100000; published: 5000)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -388,6 +471,13 @@ def main() -> None:
                              "of a 10-iteration fit_em)")
     parser.add_argument("--plain", action="store_true",
                         help="published: compile em_step with XLA's defaults (fit_em(tuned_compilation=False))")
+    parser.add_argument("--states", type=int, nargs="+", default=[16, 48, 96], help="scale: state counts")
+    parser.add_argument("--scale-parts", nargs="+", default=["inference"], choices=SCALE_PARTS,
+                        help="scale: inference (both backends' filter, dynamax's on 16 states), em (one EM iteration"
+                             " of the default spec by both backends), batch (B x T fits), devices (meshes of 1, 2, 4"
+                             " devices)")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default=None,
+                        help="scale: precision (default float64 on CPU, float32 on an accelerator)")
     args = parser.parse_args()
     fhmv_jax.enable_x64()
     print(
@@ -397,7 +487,13 @@ def main() -> None:
     if args.steps is None:
         args.steps = {"published": [5000], "standard_errors": [10000], "coverage": [2000]}.get(
             args.which, [1000, 10000, 100000])
-    if args.which == "published":
+    if args.which == "scale":
+        dtype = args.dtype or ("float64" if jax.default_backend() == "cpu" else "float32")
+        print(f"# scale: {dtype}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}")
+        rows = []
+        if "inference" in args.scale_parts:
+            rows += run_scale_inference(args.states, args.steps, args.repeats, jnp.dtype(dtype))
+    elif args.which == "published":
         rows = run_published(args.chains, args.steps, args.repeats, tuple(args.parts), args.plain)
     elif args.which == "standard_errors":
         rows = run_standard_errors(args.steps, args.repeats, tuple(args.kinds))

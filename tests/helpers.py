@@ -193,4 +193,16 @@ def brute_force(spec, natural, y, x):
         "smoothed": smoothed,
         "pairwise": pairwise,
         "viterbi": paths[np.argmax(log_joint)],
+        "viterbi_log_prob": np.max(log_joint),
     }
+
+
+def path_log_prob(spec, natural, y, x, path) -> float:
+    """log p(h_{1:T} = path, y_{1:T}) of one joint path (flat states [T])."""
+    log_b = reference_log_emissions(spec, natural, y, x)
+    log_P = np.log(reference_transitions(spec, natural, x, y.shape[0]))
+    log_pi = np.log(reference_initial(spec, natural, x))
+    total = log_pi[path[0]] + log_b[0, path[0]]
+    for t in range(1, len(path)):
+        total += log_P[t, path[t - 1], path[t]] + log_b[t, path[t]]
+    return float(total)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_SPECS
-from helpers import brute_force, random_natural
+from helpers import brute_force, path_log_prob, random_natural
 
 from fhmv_jax import FHMV, inference
 from fhmv_jax.em import e_step
@@ -43,21 +43,21 @@ def _factor_list(factors):
 
 
 @eqx.filter_jit
-def _blocked_posteriors(model, y, x, mask):
+def _blocked_posteriors(model, y, x, mask, method):
     """The smoother's and the E-step's posteriors in blocks of 2 steps."""
     inputs = sequence_inputs(model, y, x)
     posterior = inference.smoother(inputs.initial, inputs.transitions, inputs.emissions.likelihoods, inputs.rows,
-                                   mask, block_steps=2)
-    return posterior, e_step(model, y, x, mask, block_steps=2)
+                                   mask, block_steps=2, method=method)
+    return posterior, e_step(model, y, x, mask, block_steps=2, method=method)
 
 
-def _check_blocked_posteriors(spec, model, y, x, ref, rng, padding=3):
+def _check_blocked_posteriors(spec, model, y, x, ref, rng, method, padding=3):
     """The smoother and the E-step in blocks of 2 steps, on the sequence followed by garbage padding steps."""
     T = y.shape[0]
     y_pad = jnp.asarray(np.concatenate([y, rng.normal(size=(padding, y.shape[1])) * 50]))
     x_pad = jnp.asarray(np.concatenate([x, rng.normal(size=padding)])) if spec.needs_driver else None
     mask = jnp.asarray(np.arange(T + padding) < T)
-    posterior, stats = _blocked_posteriors(model, y_pad, x_pad, mask)
+    posterior, stats = _blocked_posteriors(model, y_pad, x_pad, mask, method)
     np.testing.assert_allclose(posterior.log_likelihood, ref["loglik"], rtol=1e-12)
     smoothed = np.asarray(posterior.smoothed).reshape(T + padding, -1)
     np.testing.assert_allclose(smoothed[:T], ref["smoothed"], atol=1e-12)
@@ -79,9 +79,12 @@ def _check_blocked_posteriors(spec, model, y, x, ref, rng, padding=3):
         np.testing.assert_array_equal(stats.leverage.pairwise[T - 1 :], 0.0)
 
 
+@pytest.mark.parametrize("method", ["sequential", "parallel"])
 @pytest.mark.parametrize("name", list(TINY_SPECS))
 @pytest.mark.parametrize("T", [1, 4])
-def test_against_brute_force(rng, name, T):
+def test_against_brute_force(rng, name, T, method):
+    """Both inference backends (``method``) against path enumeration: every read-out, the blocked smoother and
+    E-step with padding, and the Viterbi path (the parallel one: its joint log-probability is the maximum)."""
     spec = TINY_SPECS[name]
     if spec.num_states ** T > 70000:
         T = 3
@@ -92,15 +95,15 @@ def test_against_brute_force(rng, name, T):
     x_arg = x if spec.needs_driver else None
     ref = brute_force(spec, natural, y, x)
 
-    np.testing.assert_allclose(model.log_likelihood(y, x_arg), ref["loglik"], rtol=1e-12)
+    np.testing.assert_allclose(model.log_likelihood(y, x_arg, method=method), ref["loglik"], rtol=1e-12)
 
-    filtered = model.filter(y, x_arg)
+    filtered = model.filter(y, x_arg, method=method)
     np.testing.assert_allclose(filtered.log_likelihood, ref["loglik"], rtol=1e-12)
     np.testing.assert_allclose(np.asarray(filtered.joint).reshape(T, -1), ref["filtered"], atol=1e-12)
     for got, want in zip(_factor_list(filtered.marginals), _per_factor_marginals(spec, ref["filtered"]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-12)
 
-    smoothed = model.smooth(y, x_arg)
+    smoothed = model.smooth(y, x_arg, method=method)
     np.testing.assert_allclose(np.asarray(smoothed.joint).reshape(T, -1), ref["smoothed"], atol=1e-12)
     for got, want in zip(_factor_list(smoothed.marginals), _per_factor_marginals(spec, ref["smoothed"]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-12)
@@ -108,12 +111,14 @@ def test_against_brute_force(rng, name, T):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-12)
 
-    _check_blocked_posteriors(spec, model, y, x, ref, rng)
+    _check_blocked_posteriors(spec, model, y, x, ref, rng, method)
 
-    path = model.viterbi(y, x_arg)
-    want_path = np.stack(np.unravel_index(ref["viterbi"], spec.state_shape), axis=1)
+    path = model.viterbi(y, x_arg, method=method)
     got_path = np.stack(_factor_list(path) if T > 1 else [a.reshape(1) for a in _factor_list(path)], axis=1)
-    np.testing.assert_array_equal(got_path.reshape(T, -1), want_path)
+    flat = np.ravel_multi_index(tuple(got_path.reshape(T, -1).T), spec.state_shape)
+    np.testing.assert_allclose(path_log_prob(spec, natural, y, x, flat), ref["viterbi_log_prob"], rtol=1e-12)
+    if method == "sequential":
+        np.testing.assert_array_equal(flat, ref["viterbi"])
 
 
 def test_pairwise_is_consistent_with_marginals(rng):

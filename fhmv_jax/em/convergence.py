@@ -17,11 +17,13 @@ from typing import NamedTuple
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from .._types import Array, Scalar
 from ..model.fhmv import FHMV
 from .loop import batch_objective
 from .m_step import CovariancePrior
+from .sharding import replicate
 
 
 class ScoreCheck(NamedTuple):
@@ -41,9 +43,10 @@ class ScoreCheck(NamedTuple):
 
 
 def _penalised(raw: dict[str, Array | None], spec, y: Array, x: Array | None, mask: Array, prior: CovariancePrior,
-               block_steps: int | None) -> Scalar:
+               block_steps: int | None, method: str = "sequential", batch_chunk: int | None = None,
+               mesh: Mesh | None = None) -> Scalar:
     """The penalised log-likelihood as a function of the unconstrained arrays ``raw`` (``FHMV.raw_arrays``)."""
-    info = batch_objective(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, block_steps)
+    info = batch_objective(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, block_steps, method, batch_chunk, mesh)
     return info.log_likelihood + info.log_prior
 
 
@@ -71,18 +74,24 @@ def _directions(score: dict[str, Array], names: list[str]) -> list[dict[str, Arr
 
 
 def check_score(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, *,
-                block_steps: int | None = None) -> ScoreCheck:
+                block_steps: int | None = None, method: str = "sequential", batch_chunk: int | None = None,
+                mesh: Mesh | None = None) -> ScoreCheck:
     """The score of ``model`` on padded sequences and the gain per step a Newton step would still make.
 
     The directions d_k are the coordinates that carry score (small models, up to 64 of them: the full Newton
     step) or the score's part in each array (normalised). The restricted Hessian H_kl = d_k^T H d_l comes from
     H d_k = (g(theta + h d_k) - g(theta - h d_k)) / 2h; its eigenvalues below 1e-10 of the largest are
     raised to that floor, so a flat or upward direction that still carries score counts as a large gain.
+
+    ``block_steps``, ``method``, ``batch_chunk`` and ``mesh`` are the options of the objective (``em_step``'s);
+    with a mesh, y, x and mask are sharded over it (``sharding.shard_sequences``).
     """
     spec, raw, free = model.spec, model.raw_arrays(), model.free_arrays()
+    if mesh is not None:
+        raw, prior = replicate(raw, mesh), replicate(prior, mesh)
 
     def gradient(point):
-        score = _score(point, spec, y, x, mask, prior, block_steps)
+        score = _score(point, spec, y, x, mask, prior, block_steps, method, batch_chunk, mesh)
         return {k: g for k, g in score.items() if k in free}
 
     score = gradient(raw)

@@ -9,8 +9,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from .._types import Array, Float, PRNGKeyArray
+from ..inference import check_method
 from ..model.fhmv import FHMV
 from ..model.inputs import check_sequences
 from ..precision import warn_if_float32_on_cpu
@@ -18,6 +20,14 @@ from .convergence import check_score
 from .init import init_model
 from .loop import FitResult, IterationInfo, print_progress, run_em, stack_models
 from .m_step import CovariancePrior
+from .sharding import (
+    assert_same_on_every_process,
+    batch_layout,
+    check_chunk,
+    check_mesh,
+    pad_sequences,
+    shard_sequences,
+)
 from .split_merge import SplitMerge, candidate_moves, merge_split_candidate, print_split_merge
 
 
@@ -41,6 +51,9 @@ def fit_em(
     verbose: bool = False,
     block_steps: int | None = None,
     tuned_compilation: bool = True,
+    inference: str = "auto",
+    batch_chunk: int | None = None,
+    mesh: Mesh | None = None,
 ) -> FitResult:
     """Fit every parameter by ECM (MODEL.md sections 4-6).
 
@@ -78,13 +91,33 @@ def fit_em(
         tuned_compilation: on CPU, compile the single-model ECM step's elementwise fusions with
             YNNPACK (about 15% faster, docs/benchmarks.md); ``False`` compiles with XLA's defaults,
             e.g. for a jaxlib that rejects one of those fusions.
+        inference: the backend of the E-step's forward-backward pass and of the log-likelihood
+            (``inference.forward_backward``): ``"sequential"`` (scans over time), ``"parallel"``
+            (associative scans, O(log T) depth, for accelerators) or ``"auto"`` (default: parallel on an
+            accelerator for small state spaces and long sequences, else sequential: on a CPU always
+            sequential); the same numbers to rounding.
+        batch_chunk: compute the E-step ``batch_chunk`` sequences at a time and add up their statistics,
+            so that memory holds one chunk's forward-backward pass instead of the whole batch's (thousands
+            of sequences); ``None`` (default): all at once. The per-step statistics of predictable and
+            Markov leverage ([B, T, ...]) are kept for every sequence. A batch that is no multiple of the
+            chunk (times the mesh's ``"batch"`` size) is padded with sequences of length zero, which count
+            for nothing; the result equals the unchunked one to rounding.
+        mesh: a ``jax.sharding.Mesh`` with an axis named ``"batch"``, e.g.
+            ``Mesh(jax.devices(), ("batch",))``: the sequences are split over its devices (padded with
+            sequences of length zero to a multiple of their number), each computes its sequences' E-step
+            statistics, one ``psum`` adds them up and the M-step runs replicated; the result equals the
+            one-device fit to rounding. Over several processes (``jax.distributed.initialize``, the mesh over
+            ``jax.devices()``) every process calls ``fit_em`` with the same arguments: the same full data and
+            the same starting model (checked). ``None`` (default): the default device.
 
     Returns:
-        ``FitResult``.
+        ``FitResult``; with a mesh its model is an ordinary copy on this process's default device.
 
     Raises:
         ValueError: bad observations (see ``check_sequences``), ``max_iters < 1``,
-            ``num_restarts < 1``, restarts without a key, or split-merge rounds with G < 3.
+            ``num_restarts < 1``, restarts without a key, split-merge rounds with G < 3, an unknown
+            ``inference``, a ``batch_chunk`` that is no positive integer, a mesh without a ``"batch"`` axis or
+            with more devices on it than sequences, or float16 data or model.
         RuntimeError: the penalised log-likelihood decreased beyond rounding (a bug).
     """
     if max_iters < 1 or num_restarts < 1 or split_merge_rounds < 0:
@@ -92,33 +125,54 @@ def fit_em(
             f"max_iters and num_restarts must be >= 1 and split_merge_rounds >= 0, got {max_iters},"
             f" {num_restarts} and {split_merge_rounds}"
         )
+    check_method(inference)
+    check_chunk(batch_chunk)
+    check_precision(model, y, x)
     spec, dtype = model.spec, model.dtype
     if split_merge_rounds and spec.num_regimes < 3:
         raise ValueError(f"split-merge moves need at least 3 regimes, the spec has {spec.num_regimes}")
     y, x, mask = check_sequences(spec, y, x, lengths, dtype=dtype)
+    if mesh is not None:
+        check_mesh(mesh, y.shape[0])
     warn_if_float32_on_cpu(dtype, "fit_em")
     prior = CovariancePrior(jnp.asarray(covariance_ridge, dtype), jnp.asarray(covariance_prior_count, dtype))
     if callback is None and verbose:
         callback = print_progress
-    run = partial(run_em, y=y, x=x, mask=mask, prior=prior, tol=tol, acceleration=acceleration,
-                  block_steps=block_steps, tuned_compilation=tuned_compilation)
     if num_restarts > 1:
         if key is None:
             raise ValueError("num_restarts > 1 needs a PRNG key for the new initialisations")
         keys = jax.random.split(key, num_restarts - 1)
-        lengths = mask.sum(1)
-        starts = [model] + [init_model(k, spec, y, x, lengths=lengths, method=init_method).astype(dtype) for k in keys]
-        fit = run(stack_models(starts), max_iters=max_iters, callback=callback, stacked=True)
-    else:
-        fit = run(model, max_iters=max_iters, callback=callback)
+        starts = [model] + [init_model(k, spec, y, x, lengths=mask.sum(1), method=init_method).astype(dtype)
+                            for k in keys]
+        model = stack_models(starts)
+    layout = batch_layout(y.shape[0], batch_chunk, mesh)
+    y, x, mask = pad_sequences(y, x, mask, layout.size)
+    if mesh is not None:
+        if jax.process_count() > 1:
+            assert_same_on_every_process("the starting model (and the restarts' key)", model)
+        y, x, mask = shard_sequences(mesh, y, x, mask)
+    options = {"block_steps": block_steps, "method": inference, "batch_chunk": layout.chunk, "mesh": mesh}
+    run = partial(run_em, y=y, x=x, mask=mask, prior=prior, tol=tol, acceleration=acceleration,
+                  tuned_compilation=tuned_compilation, **options)
+    fit = run(model, max_iters=max_iters, callback=callback, stacked=num_restarts > 1)
     for _ in range(split_merge_rounds):
         moved = _split_merge_round(fit, run, max_iters, split_merge_iters, callback, verbose)
         if moved is None:
             break
         fit = moved
-    fit = _to_maximum(fit, run, y, x, mask, prior, tol, max_iters, callback, block_steps)
+    fit = _to_maximum(fit, run, y, x, mask, prior, tol, max_iters, callback, options)
     warn_if_unconverged(fit, tol)
     return fit
+
+
+_HALF_PRECISION = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+
+
+def check_precision(model: FHMV, y, x=None) -> None:
+    """A ``ValueError`` for a model, observations or driver in half precision (float16, bfloat16)."""
+    for dtype in (model.dtype, getattr(y, "dtype", None), getattr(x, "dtype", None)):
+        if dtype is not None and np.dtype(dtype) in _HALF_PRECISION:
+            raise ValueError(f"{np.dtype(dtype).name} is not supported: use float32 or float64")
 
 
 _CONTINUATION_ITERS = 25
@@ -126,12 +180,13 @@ _CONTINUATION_TOL = 1e-2
 
 
 def _to_maximum(fit: FitResult, run: Callable, y, x, mask, prior, tol: float, max_iters: int, callback,
-                block_steps) -> FitResult:
+                options: dict) -> FitResult:
     """Where the tolerance was met but ``check_score`` predicts a larger gain, continue EM (tolerance
     ``tol / 100``) in rounds of 25 steps until the predicted gain is within ``tol``, for at most ``max_iters``
-    more steps; fill in the score; ``converged`` needs the tolerance met, no stall and that gain within tol."""
+    more steps; fill in the score; ``converged`` needs the tolerance met, no stall and that gain within tol.
+    ``options``: the objective's (``check_score``'s keyword arguments)."""
     tol_met = fit.converged
-    check = check_score(fit.model, y, x, mask, prior, block_steps=block_steps)
+    check = check_score(fit.model, y, x, mask, prior, **options)
     budget = max_iters
     while tol_met and check.remaining_gain > tol and budget > 0:
         rest = run(fit.model, max_iters=min(budget, _CONTINUATION_ITERS), callback=callback,
@@ -143,7 +198,7 @@ def _to_maximum(fit: FitResult, run: Callable, y, x, mask, prior, tol: float, ma
             num_iters=fit.num_iters + rest.num_iters,
             split_merges=fit.split_merges,
         )
-        check = check_score(fit.model, y, x, mask, prior, block_steps=block_steps)
+        check = check_score(fit.model, y, x, mask, prior, **options)
         if rest.num_iters == 0:
             break
     return fit._replace(score=check.score, score_norm=check.norm, remaining_gain=check.remaining_gain,

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from .._compile import fast_jit
 from .._types import Array, Scalar
 from ..model.fhmv import FHMV, sequence_log_likelihood
 from .m_step import CovariancePrior, log_prior, m_step
+from .sharding import gathered_statistics, local_copy, replicate, total_log_likelihood
 from .stats import batch_e_step
 
 
@@ -91,20 +94,29 @@ def print_progress(info: IterationInfo) -> None:
 
 
 def _em_step(
-    model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None
+    model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None,
+    method: str = "sequential", batch_chunk: int | None = None, mesh: Mesh | None = None,
 ) -> tuple[FHMV, StepInfo]:
-    """One ECM iteration on padded sequences (``em_step`` is this, jitted once per shape).
+    """One ECM iteration on padded sequences (``em_step`` is this, jitted once per shape and static options).
 
     Args:
         model: the current model.
         y: [B, T, D] observations, padding zeroed; x: [B, T] driver or None; mask: [B, T] valid steps.
         prior: the covariance prior.
         block_steps: steps per block of the forward-backward pass (default: by the state count).
+        method: the inference backend of the E-step (``"sequential"``, ``"parallel"`` or ``"auto"``).
+        batch_chunk: sequences per chunk of the E-step (``sharding.gathered_statistics``; B a multiple of it
+            times the mesh's ``"batch"`` size), or ``None``: all at once.
+        mesh: shard the sequences (y, x, mask sharded, model and prior replicated) over its ``"batch"`` axis.
 
     Returns:
         (new model, ``StepInfo`` of the input model).
     """
-    stats = batch_e_step(model, y, x, mask, block_steps=block_steps)
+    statistics = partial(batch_e_step, block_steps=block_steps, method=method)
+    if batch_chunk is None and mesh is None:
+        stats = statistics(model, y, x, mask)
+    else:
+        stats = gathered_statistics(statistics, model, y, x, mask, chunk=batch_chunk, mesh=mesh)
     updated, stalled = m_step(model, stats, prior)
     return updated, StepInfo(jnp.sum(stats.log_likelihood), log_prior(model.emission, prior), stalled)
 
@@ -115,21 +127,36 @@ def _has_volatility_states(model: FHMV, *args, **kwargs) -> bool:
 
 
 em_step = fast_jit(_em_step, _has_volatility_states)
-_em_step_restarts = eqx.filter_jit(eqx.filter_vmap(_em_step, in_axes=(0, None, None, None, None, None)))
+_RESTART_AXES = (0,) + (None,) * 8
+_em_step_restarts = eqx.filter_jit(eqx.filter_vmap(_em_step, in_axes=_RESTART_AXES))
+
+
+def sequence_log_likelihoods(
+    model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None, method: str = "sequential"
+) -> Array:
+    """[B] log p(y_b) of padded sequences [B, T, D]; exactly zero for a sequence of length zero."""
+    def sequence(yb, xb, mb):
+        return sequence_log_likelihood(model, yb, xb, mb, block_steps=block_steps, method=method)
+
+    return jnp.where(jnp.any(mask, axis=1), jax.vmap(sequence)(y, x, mask), 0.0)
 
 
 def batch_objective(
-    model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None
+    model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None,
+    method: str = "sequential", batch_chunk: int | None = None, mesh: Mesh | None = None,
 ) -> StepInfo:
-    """The log-likelihood of padded sequences [B, T, D] and the covariance log-prior (no update)."""
-    def sequence(yb, xb, mb):
-        return sequence_log_likelihood(model, yb, xb, mb, block_steps=block_steps)
-
-    return StepInfo(jnp.sum(jax.vmap(sequence)(y, x, mask)), log_prior(model.emission, prior))
+    """The log-likelihood of padded sequences [B, T, D] and the covariance log-prior (no update); the options
+    as ``em_step``'s."""
+    log_likelihoods = partial(sequence_log_likelihoods, block_steps=block_steps, method=method)
+    if batch_chunk is None and mesh is None:
+        log_lik = jnp.sum(log_likelihoods(model, y, x, mask))
+    else:
+        log_lik = total_log_likelihood(log_likelihoods, model, y, x, mask, chunk=batch_chunk, mesh=mesh)
+    return StepInfo(log_lik, log_prior(model.emission, prior))
 
 
 _objective_single = fast_jit(batch_objective, _has_volatility_states)
-_objective_restarts = eqx.filter_jit(eqx.filter_vmap(batch_objective, in_axes=(0, None, None, None, None, None)))
+_objective_restarts = eqx.filter_jit(eqx.filter_vmap(batch_objective, in_axes=_RESTART_AXES))
 """The restarts' programs compile with XLA's defaults: it rejects YNNPACK fusions of some of their layouts."""
 
 
@@ -201,6 +228,9 @@ def run_em(
     acceleration: str | None = "squarem",
     block_steps: int | None = None,
     tuned_compilation: bool = True,
+    method: str = "sequential",
+    batch_chunk: int | None = None,
+    mesh: Mesh | None = None,
 ) -> FitResult:
     """The ECM iterations on checked, padded sequences, until the gain per step is below ``tol``.
 
@@ -214,11 +244,14 @@ def run_em(
     Args:
         model: the start, or with ``stacked`` a stack of starts (leading axis on every
             parameter) run vmapped, of which the best final objective is returned.
-        y: [B, T, D] (padding zeroed); x: [B, T] or None; mask: [B, T] valid steps.
+        y: [B, T, D] (padding zeroed); x: [B, T] or None; mask: [B, T] valid steps; with a ``mesh``, global arrays
+            sharded over its ``"batch"`` axis (``sharding.shard_sequences``).
         prior: the covariance prior.
         max_iters: the most ECM steps (E-step and M-step each), rejected extrapolations included.
         acceleration: ``"squarem"`` or ``None`` (plain ECM).
         tol, callback, block_steps, tuned_compilation: as in ``fit_em``.
+        method, batch_chunk, mesh: as in ``em_step``; with a mesh the model and the prior are replicated over
+            it on entry and the returned model is an ordinary copy on this process.
 
     Returns:
         ``FitResult`` of the best start.
@@ -231,6 +264,9 @@ def run_em(
         raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
     dtype = model.dtype
     num_steps = int(mask.sum())
+    if mesh is not None:
+        model, prior = replicate(model, mesh), replicate(prior, mesh)
+    options = (block_steps, method, batch_chunk, mesh)
     if stacked:
         step, evaluate = _em_step_restarts, _objective_restarts
     else:
@@ -242,9 +278,9 @@ def run_em(
     start = time.perf_counter()
     for call in range(max_iters + 1):
         if call < max_iters:
-            new_model, info = step(model, y, x, mask, prior, block_steps)
+            new_model, info = step(model, y, x, mask, prior, *options)
         else:
-            info = evaluate(model, y, x, mask, prior, block_steps)
+            info = evaluate(model, y, x, mask, prior, *options)
         log_lik = np.atleast_1d(np.asarray(info.log_likelihood, np.float64))
         objective = log_lik + np.atleast_1d(np.asarray(info.log_prior, np.float64))
         extrapolated = len(cycle) == 3
@@ -300,6 +336,8 @@ def run_em(
     best = int(np.argmax(objectives[-1]))
     if stacked:
         model = jax.tree.map(lambda leaf: leaf[best], model)
+    if mesh is not None:
+        model = local_copy(model)
     stalled = tuple(name for name, flags in stalled.items() if np.atleast_1d(np.asarray(flags))[best])
     return FitResult(model, log_liks[:, best], converged and not stalled, len(log_liks) - 1, objectives[:, best],
                      log_liks[-1], objectives[-1], stalled=stalled)

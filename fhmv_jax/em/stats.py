@@ -295,8 +295,8 @@ def e_step(
         return jnp.sum(gamma, axis=1), tau * expected_w
 
     posterior = forward_backward(inputs.initial, transitions, inputs.emissions.likelihoods, inputs.rows, mask,
-                                 reduce=reduce, collect=collect, block_steps=block_steps, pairwise_sums=True, method=method,
-                                 pairwise_steps=tuple(varying))
+                                 reduce=reduce, collect=collect, block_steps=block_steps, pairwise_sums=True,
+                                 pairwise_steps=tuple(varying), method=method)
     sums, step_weights = posterior.sums, posterior.steps
     counts = posterior.pairwise_sums
 
@@ -326,5 +326,23 @@ def batch_e_step(
     model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None,
     method: str = "sequential",
 ) -> SequenceStats:
-    """``e_step`` vmapped over a leading sequence axis: every field gains a leading [B]."""
-    return jax.vmap(lambda yb, xb, mb: e_step(model, yb, xb, mb, block_steps=block_steps, method=method))(y, x, mask)
+    """``e_step`` vmapped over a leading sequence axis: every field gains a leading [B].
+
+    A sequence whose mask is all False (a zero-length sequence that pads a batch to a multiple of a chunk or of
+    the devices: ``sharding.pad_sequences``) contributes exactly zero to every field. ``e_step`` zeroes its
+    per-step fields, but its sums are not zero there: the reference point of the moments is 0 / 0, the initial
+    laws are normalised by zero and log p(y) is a rounding residue, so these are selected away (``jnp.where``,
+    which passes no NaN on).
+    """
+    stats = jax.vmap(lambda yb, xb, mb: e_step(model, yb, xb, mb, block_steps=block_steps, method=method))(
+        y, x, mask)
+    present = jnp.any(mask, axis=1)
+
+    def zeroed(tree):
+        return jax.tree.map(lambda a: jnp.where(present.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a)),
+                            tree)
+
+    per_step = isinstance(stats.volatility, StepMoments)
+    return stats._replace(log_likelihood=zeroed(stats.log_likelihood), initial=zeroed(stats.initial),
+                          transitions=zeroed(stats.transitions), components=zeroed(stats.components),
+                          volatility=stats.volatility if per_step else zeroed(stats.volatility))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, Bool, Float, Scalar
+from . import parallel
 from ._ops import (
     LARGE_STATES,
     MERGE_STATES,
@@ -40,7 +41,6 @@ from ._ops import (
     split_pairwise,
     time_varying,
 )
-from . import parallel
 from .filter import forward_scan
 from .smoother import (
     axes_by_kind,
