@@ -243,6 +243,8 @@ def fit_model(cfg: DictConfig, spec: fhmv_jax.ModelSpec, y_train, key_init, key_
             covariance_prior_count=train.covariance_prior_count,
             split_merge_rounds=train.split_merge_rounds if spec.num_regimes >= 3 else 0,
             split_merge_iters=train.split_merge_iters,
+            inference=train.inference,
+            batch_chunk=train.batch_chunk,
             callback=progress,
         )
 

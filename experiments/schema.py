@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fhmv_jax.data import DEFAULT_FREQUENCIES, FEATURE_NAMES, REGIME_NAMES
 from fhmv_jax.em.init import INIT_METHODS
+from fhmv_jax.inference import METHODS
 
 
 @dataclass
@@ -120,6 +121,8 @@ class TrainConfig:
     split_merge_iters: int = 10
     covariance_ridge: float = 1e-2
     covariance_prior_count: float = 1e-2
+    inference: str = "auto"
+    batch_chunk: int | None = None
 
 
 @dataclass
@@ -231,5 +234,7 @@ def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
         raise ValueError(f"invalid configuration: {error}") from None
     if merged.train.init_method not in INIT_METHODS:
         raise ValueError(f"train.init_method must be one of {list(INIT_METHODS)}, got {merged.train.init_method!r}")
+    if merged.train.inference not in METHODS:
+        raise ValueError(f"train.inference must be one of {list(METHODS)}, got {merged.train.inference!r}")
     OmegaConf.set_readonly(merged, True)
     return merged

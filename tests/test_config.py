@@ -78,6 +78,8 @@ def test_appended_unknown_keys_fail_validation(override, message):
 def test_unknown_init_method_is_named():
     with pytest.raises(ValueError, match="train.init_method"):
         schema.validate(_compose(["train.init_method=spectral"]))
+    with pytest.raises(ValueError, match="train.inference"):
+        schema.validate(_compose(["train.inference=scan"]))
 
 
 def test_missing_required_value_is_named():

@@ -23,7 +23,7 @@ from .._types import Array, Scalar
 from ..model.fhmv import FHMV
 from .loop import batch_objective
 from .m_step import CovariancePrior
-from .sharding import replicate
+from .sharding import on_mesh, replicate
 
 
 class ScoreCheck(NamedTuple):
@@ -87,11 +87,11 @@ def check_score(model: FHMV, y: Array, x: Array | None, mask: Array, prior: Cova
     with a mesh, y, x and mask are sharded over it (``sharding.shard_sequences``).
     """
     spec, raw, free = model.spec, model.raw_arrays(), model.free_arrays()
-    if mesh is not None:
-        raw, prior = replicate(raw, mesh), replicate(prior, mesh)
+    prior = prior if mesh is None else replicate(prior, mesh)
+    score_of = on_mesh(_score, mesh)
 
     def gradient(point):
-        score = _score(point, spec, y, x, mask, prior, block_steps, method, batch_chunk, mesh)
+        score = score_of(point, spec, y, x, mask, prior, block_steps, method, batch_chunk, mesh)
         return {k: g for k, g in score.items() if k in free}
 
     score = gradient(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -105,10 +106,12 @@ def fit_em(
         mesh: a ``jax.sharding.Mesh`` with an axis named ``"batch"``, e.g.
             ``Mesh(jax.devices(), ("batch",))``: the sequences are split over its devices (padded with
             sequences of length zero to a multiple of their number), each computes its sequences' E-step
-            statistics, one ``psum`` adds them up and the M-step runs replicated; the result equals the
-            one-device fit to rounding. Over several processes (``jax.distributed.initialize``, the mesh over
-            ``jax.devices()``) every process calls ``fit_em`` with the same arguments: the same full data and
-            the same starting model (checked). ``None`` (default): the default device.
+            statistics, one ``psum`` adds them up and the M-step runs replicated (the per-step statistics of
+            predictable and Markov leverage stay sharded with their sequences; XLA partitions the M-step's sums
+            over them); the result equals the one-device fit to rounding, restarts included. Over several
+            processes (``jax.distributed.initialize``, the mesh over ``jax.devices()``) every process calls
+            ``fit_em`` with the same arguments: the same full data and the same starting model (checked).
+            ``None`` (default): the default device.
 
     Returns:
         ``FitResult``; with a mesh its model is an ordinary copy on this process's default device.
@@ -154,15 +157,25 @@ def fit_em(
     options = {"block_steps": block_steps, "method": inference, "batch_chunk": layout.chunk, "mesh": mesh}
     run = partial(run_em, y=y, x=x, mask=mask, prior=prior, tol=tol, acceleration=acceleration,
                   tuned_compilation=tuned_compilation, **options)
-    fit = run(model, max_iters=max_iters, callback=callback, stacked=num_restarts > 1)
-    for _ in range(split_merge_rounds):
-        moved = _split_merge_round(fit, run, max_iters, split_merge_iters, callback, verbose)
-        if moved is None:
-            break
-        fit = moved
-    fit = _to_maximum(fit, run, y, x, mask, prior, tol, max_iters, callback, options)
+    with _full_precision_products():
+        fit = run(model, max_iters=max_iters, callback=callback, stacked=num_restarts > 1)
+        for _ in range(split_merge_rounds):
+            moved = _split_merge_round(fit, run, max_iters, split_merge_iters, callback, verbose)
+            if moved is None:
+                break
+            fit = moved
+        fit = _to_maximum(fit, run, y, x, mask, prior, tol, max_iters, callback, options)
     warn_if_unconverged(fit, tol)
     return fit
+
+
+def _full_precision_products():
+    """On an accelerator, matrix products at full float32 precision while the fit traces its programs (recent
+    GPUs default to TF32's 10-bit mantissa, too coarse for EM's statistics); on CPU, where products are exact in
+    their dtype, nothing."""
+    if jax.default_backend() == "cpu":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision("highest")
 
 
 _HALF_PRECISION = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))

@@ -17,7 +17,7 @@ from .._compile import fast_jit
 from .._types import Array, Scalar
 from ..model.fhmv import FHMV, sequence_log_likelihood
 from .m_step import CovariancePrior, log_prior, m_step
-from .sharding import gathered_statistics, local_copy, replicate, total_log_likelihood
+from .sharding import gathered_statistics, on_mesh, replicate, total_log_likelihood
 from .stats import batch_e_step
 
 
@@ -250,8 +250,8 @@ def run_em(
         max_iters: the most ECM steps (E-step and M-step each), rejected extrapolations included.
         acceleration: ``"squarem"`` or ``None`` (plain ECM).
         tol, callback, block_steps, tuned_compilation: as in ``fit_em``.
-        method, batch_chunk, mesh: as in ``em_step``; with a mesh the model and the prior are replicated over
-            it on entry and the returned model is an ordinary copy on this process.
+        method, batch_chunk, mesh: as in ``em_step``; with a mesh every step gets the model replicated over it
+            and returns it to this process (``sharding.on_mesh``), so the returned model is an ordinary one.
 
     Returns:
         ``FitResult`` of the best start.
@@ -264,13 +264,14 @@ def run_em(
         raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
     dtype = model.dtype
     num_steps = int(mask.sum())
-    if mesh is not None:
-        model, prior = replicate(model, mesh), replicate(prior, mesh)
-    options = (block_steps, method, batch_chunk, mesh)
     if stacked:
         step, evaluate = _em_step_restarts, _objective_restarts
     else:
         step, evaluate = (em_step, _objective_single) if tuned_compilation else (em_step.plain, _objective_single.plain)
+    options = (block_steps, method, batch_chunk, mesh)
+    if mesh is not None:
+        prior = replicate(prior, mesh)
+        step, evaluate = on_mesh(step, mesh), on_mesh(evaluate, mesh)
     log_liks, objectives = [], []
     converged = False
     cycle, flags = [model], [{}]
@@ -336,8 +337,6 @@ def run_em(
     best = int(np.argmax(objectives[-1]))
     if stacked:
         model = jax.tree.map(lambda leaf: leaf[best], model)
-    if mesh is not None:
-        model = local_copy(model)
     stalled = tuple(name for name, flags in stalled.items() if np.atleast_1d(np.asarray(flags))[best])
     return FitResult(model, log_liks[:, best], converged and not stalled, len(log_liks) - 1, objectives[:, best],
                      log_liks[-1], objectives[-1], stalled=stalled)

@@ -46,8 +46,21 @@ _MAX_ASCENT_STEPS = 60
 _MIN_DAMPING, _MIN_RADIUS = 1e-12, 1e-12
 _TRUST_RADIUS = 3.0
 _ROUNDING = 1e3
+_SETTLE_FLOAT32 = 1.0
 _BISECTION_STEPS = 64
 
+
+def _settle_factor(dtype) -> float:
+    """The predicted gain, in units of eps (1 + |f|), below which ``newton_ascent`` stops stepping.
+
+    In float64, 1e3 eps |f| = 2e-13 |f| is far below any gain EM resolves, and it is the bar of the stalls
+    (``_ROUNDING``) too. In float32, 1e3 eps |f| = 1.2e-4 |Q|, about a nat for the default spec on 500 steps,
+    as much as an ECM iteration of the slow phase gains: stopping there cost a float32 M-step up to a quarter
+    of the gain that float64 made from the same point (docs/float32.md). So float32 steps on until the
+    predicted gain is below f's own resolution, eps (1 + |f|), and a trust region that collapses while the
+    predicted gain is between the two bars, where rounding hides the gains, ends the ascent without a stall.
+    """
+    return _ROUNDING if jnp.dtype(dtype) == jnp.float64 else _SETTLE_FLOAT32
 
 
 class CovariancePrior(NamedTuple):
@@ -91,10 +104,11 @@ def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS
     prediction doubles Delta, up to its start of 3; one that gains less than 1/4 of it quarters Delta. Since
     d(mu) -> g / mu as Delta -> 0, a small enough region gives a rise whenever g is not zero and the objective
     is smooth, so the ascent cannot stall on an indefinite Hessian or on a step that leaves the domain. It
-    stops when Newton's predicted gain 0.5 g^T (-H + mu_0)^{-1} g is below 1e3 eps (1 + |f|), after taking
-    that last step (kept unless it lowers the objective beyond that rounding), so the result is the
-    maximiser to rounding, not the accident of a step count; or when Delta falls below 1e-12 (1 + |x|)
-    without a rise (``stalled``); or after ``max_steps`` trials.
+    stops when Newton's predicted gain 0.5 g^T (-H + mu_0)^{-1} g is below 1e3 eps (1 + |f|) (float32:
+    eps (1 + |f|), ``_settle_factor``), after taking that last step (kept unless it lowers the objective
+    by more than 1e3 eps (1 + |f|)), so the result is the maximiser to rounding, not the accident of a step
+    count; or when Delta falls below max(1e-12, eps) (1 + |x|) without a rise, which is a stall (``stalled``)
+    unless the predicted gain is between the float32 bar and 1e3 eps (1 + |f|); or after ``max_steps`` trials.
 
     Args:
         objective: pytree -> scalar.
@@ -105,7 +119,10 @@ def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS
     """
     flat, unravel = ravel_pytree(start)
     dtype = flat.dtype
-    tiny, rounding = jnp.finfo(dtype).tiny, _ROUNDING * jnp.finfo(dtype).eps
+    eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
+    rounding, settle = _ROUNDING * eps, _settle_factor(dtype) * eps
+    # float32 resolves no curvature below eps of the largest nor a step below eps (1 + |x|)
+    min_damping, min_radius = max(_MIN_DAMPING, float(eps)), max(_MIN_RADIUS, float(eps))
 
     def f(v):
         value = objective(unravel(v))
@@ -126,13 +143,14 @@ def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS
         local = jax.lax.cond(stale, local_model, lambda _: local, flat)
         coefficients = local.eigvecs.T @ local.grad
         scale = jnp.maximum(jnp.max(jnp.abs(local.eigvals)), tiny)
-        floor = jnp.maximum(0.0, -local.eigvals[0]) + _MIN_DAMPING * scale
+        floor = jnp.maximum(0.0, -local.eigvals[0]) + min_damping * scale
         shift = _region_shift(local.eigvals, coefficients, floor, radius)
         along = coefficients / (local.eigvals + shift)
         length, step_vector = jnp.linalg.norm(along), local.eigvecs @ along
         candidate = f(flat + step_vector)
         tolerance = rounding * (1 + jnp.abs(value))
-        settled = 0.5 * jnp.sum(coefficients**2 / (local.eigvals + floor)) <= tolerance
+        newton_gain = 0.5 * jnp.sum(coefficients**2 / (local.eigvals + floor))
+        settled = newton_gain <= settle * (1 + jnp.abs(value))
         gain = candidate - value
         accept = (gain > 0) | (settled & (gain >= -tolerance))
         predicted = jnp.sum(coefficients * along) - 0.5 * jnp.sum(local.eigvals * along**2)
@@ -141,8 +159,9 @@ def newton_ascent(objective: Callable, start, max_steps: int = _MAX_ASCENT_STEPS
         radius = jnp.where(accept, jnp.where(ratio < 0.25, 0.25 * radius, grown), 0.25 * length)
         flat = jnp.where(accept, flat + step_vector, flat)
         value = jnp.where(accept, candidate, value)
-        stalled = ~accept & (radius < _MIN_RADIUS * (1 + jnp.linalg.norm(flat)))
-        return flat, value, local, accept & ~settled, radius, (accept & settled) | stalled, stalled, step + 1
+        collapsed = ~accept & (radius < min_radius * (1 + jnp.linalg.norm(flat)))
+        stalled = collapsed & (settled | (newton_gain > tolerance))
+        return flat, value, local, accept & ~settled, radius, (accept & settled) | collapsed, stalled, step + 1
 
     def _running(carry):
         return ~carry[5] & (carry[7] < max_steps)
@@ -517,9 +536,14 @@ def _leverage_inputs(stats: LeverageStats) -> tuple[Array, Array, Array]:
 
 
 def leverage_log_likelihood(raw: Array, moved: Array, totals: Array, x_prev: Array) -> Array:
-    """sum_t xi_t(i, j) log softmax_j(a_ij + b_ij x_{t-1}) with column 0 fixed at zero; raw = (a[:, 1], b[:, 1])."""
+    """sum_t xi_t(i, j) log softmax_j(a_ij + b_ij x_{t-1}) with column 0 fixed at zero; raw = (a[:, 1], b[:, 1]).
+
+    Summed as -sum [(N - n_1) softplus(eta) + n_1 softplus(-eta)], terms of one sign: the equal
+    n_1 eta - N softplus(eta) cancels where |eta| is large (a nearly separable regression), which in float32
+    leaves rounding far above eps |Q| and lets ``newton_ascent`` take noise for gains.
+    """
     eta = raw[0][None, None, :] + raw[1][None, None, :] * x_prev
-    return jnp.sum(moved * eta - totals * jax.nn.softplus(eta))
+    return -jnp.sum((totals - moved) * jax.nn.softplus(eta) + moved * jax.nn.softplus(-eta))
 
 
 def leverage_derivatives(raw: Array, moved: Array, totals: Array, x_prev: Array) -> tuple[Array, Array]:

@@ -13,10 +13,11 @@ A batch is padded with sequences of length zero to a multiple of the chunk times
 (``batch_e_step``) and to the log-likelihood.
 
 With a mesh the sequences lie on its ``"batch"`` axis (``shard_sequences``), the model and the prior are
-replicated (``replicate``) and every device computes the statistics of its own sequences; ``jax.shard_map``
-runs that part and a ``psum`` over ``"batch"`` adds the sums up, after which the M-step runs replicated. Every
-process of a multi-process run passes the same full data: each device reads its shard from its own process's
-copy (``jax.make_array_from_callback``).
+replicated for each jitted call (``replicate``, ``on_mesh``) and every device computes the statistics of its
+own sequences; ``jax.shard_map`` runs that part and a ``psum`` over ``"batch"`` adds the sums up, after which
+the M-step runs replicated (XLA partitions its sums over the sharded per-step statistics). Every process of a
+multi-process run passes the same full data: each device reads its shard from its own process's copy
+(``jax.make_array_from_callback``).
 """
 
 from __future__ import annotations
@@ -174,8 +175,11 @@ def gathered_statistics(statistics: Statistics, model, y: Array, x: Array | None
         sums, per_step = accumulated_statistics(statistics, eqx.combine(arrays, static), y, x, mask, chunk)
         return jax.lax.psum(sums, BATCH_AXIS), per_step
 
+    # check_vma=False: the model's scans start from constants (the leverage path's zero shocks) and carry values
+    # that vary over the devices, which the varying-axis types reject; the results (and total_log_likelihood's
+    # gradient) equal the one-device ones (tests/test_scale.py)
     sums, per_step = jax.shard_map(local, mesh=mesh, in_specs=(_REPLICATED, _SHARDED, _SHARDED, _SHARDED),
-                                   out_specs=(_REPLICATED, _SHARDED))(arrays, y, x, mask)
+                                   out_specs=(_REPLICATED, _SHARDED), check_vma=False)(arrays, y, x, mask)
     return join_statistics(sums, per_step)
 
 
@@ -197,7 +201,7 @@ def total_log_likelihood(log_likelihoods: LogLikelihoods, model, y: Array, x: Ar
     arrays, static = eqx.partition(model, eqx.is_array)
     return jax.shard_map(
         lambda arrays, y, x, mask: jax.lax.psum(local(eqx.combine(arrays, static), y, x, mask), BATCH_AXIS),
-        mesh=mesh, in_specs=(_REPLICATED, _SHARDED, _SHARDED, _SHARDED), out_specs=_REPLICATED,
+        mesh=mesh, in_specs=(_REPLICATED, _SHARDED, _SHARDED, _SHARDED), out_specs=_REPLICATED, check_vma=False,
     )(arrays, y, x, mask)
 
 
@@ -220,18 +224,32 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(lambda a: _global_array(a, mesh, _REPLICATED) if eqx.is_array(a) else a, tree)
 
 
+def on_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+    """``fn(model, *rest)`` with ``model`` (any pytree) replicated over ``mesh`` on the way in and the result copied
+    back to this process on the way out (``rest``: already placed, e.g. by ``shard_sequences``). Between calls the
+    model then lives on this process as in a one-device fit, so the host-side steps around the jitted ones (SQUAREM,
+    the score's directions) run unchanged and without cross-process programs."""
+    if mesh is None:
+        return fn
+
+    def call(model, *rest):
+        return local_copy(fn(replicate(model, mesh), *rest))
+
+    return call
+
+
 def local_copy(tree):
     """Every array of ``tree`` (global, fully replicated) as an ordinary array on this process's default device."""
     return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)) if eqx.is_array(a) else a, tree)
 
 
 def assert_same_on_every_process(what: str, tree) -> None:
-    """A ``ValueError`` unless every process holds the same ``tree`` (compared by a checksum of its arrays:
-    their sums and sums of squares, in float64)."""
+    """A ``ValueError`` on every process unless all hold the same ``tree`` (compared by a checksum of its arrays:
+    their sums and sums of squares, in float64, gathered from every process)."""
     leaves = [np.asarray(a, np.float64) for a in jax.tree.leaves(tree) if eqx.is_array(a)]
     checksum = np.array([f(a) for a in leaves for f in (np.sum, lambda v: np.sum(v**2))] + [float(len(leaves))])
-    try:
-        multihost_utils.assert_equal(checksum, what)
-    except AssertionError as error:
-        raise ValueError(f"fit_em with a multi-process mesh needs {what} to be the same on every process"
-                         f" ({error})") from None
+    gathered = np.asarray(multihost_utils.process_allgather(checksum))
+    differing = [i for i in range(gathered.shape[0]) if not np.array_equal(gathered[i], gathered[0])]
+    if differing:
+        raise ValueError(f"fit_em with a multi-process mesh needs {what} to be the same on every process: processes"
+                         f" {differing} differ from process 0")
