@@ -10,8 +10,10 @@ Usage:
     python experiments/benchmark.py standard_errors --steps 10000   # the default spec's standard errors
     python experiments/benchmark.py coverage --replications 200 --steps 2000   # Wald intervals' coverage
     python experiments/benchmark.py scale --scale-parts inference --states 16 48 96 --steps 1000 100000 1000000
-    python experiments/benchmark.py scale --scale-parts em batch --steps 1000            # EM iteration; B x T batches
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python experiments/benchmark.py scale --scale-parts devices
+    python experiments/benchmark.py scale --scale-parts em --steps 1000 10000      # one EM iteration, both backends
+    python experiments/benchmark.py scale --scale-parts batch --batches 1000 --steps 1000   # B x T fits
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python experiments/benchmark.py scale --scale-parts devices \
+        --batches 64 --steps 1000
 
 Every figure is the best of ``--repeats`` runs after compilation (``published``: the median and
 the best); compile time is measured separately with ahead-of-time lowering and compilation.
@@ -455,6 +457,52 @@ def run_scale_inference(states: list[int], steps: list[int], repeats: int, dtype
     return rows
 
 
+def run_scale_em(steps: list[int], repeats: int, dtype) -> list[str]:
+    """Seconds per ECM iteration of the default spec by both inference backends."""
+    model = example_model(jax.random.key(0)).astype(dtype)
+    prior = CovariancePrior(jnp.asarray(1e-2, dtype), jnp.asarray(1e-2, dtype))
+    rows = ["| T | method | compile (s) | s / EM iteration |", "|---|---|---|---|"]
+    for T in steps:
+        y = model.sample(jax.random.key(T), T).observations
+        args = (model, *check_sequences(model.spec, y, dtype=dtype), prior, None)
+        for method in ("sequential", "parallel"):
+            begin = time.perf_counter()
+            em_step.lower(*args, method).compile()
+            compiled = time.perf_counter() - begin
+            seconds = best_of(em_step, (*args, method), repeats)
+            rows.append(f"| {T} | {method} | {compiled:.2f} | {seconds:.4f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def run_scale_batch(num_sequences: int, num_steps: int, chunk: int, dtype, mesh=None) -> str:
+    """Series per second of ``fit_em`` on a batch [B, T] of the default spec's series (two iterations after one
+    that compiles), chunks of ``chunk`` sequences; a table row."""
+    model = example_model(jax.random.key(0)).astype(dtype)
+    y = jax.vmap(lambda k: model.sample(k, num_steps).observations)(jax.random.split(jax.random.key(1),
+                                                                                     num_sequences))
+    stamps = []
+    begin = time.perf_counter()
+    fhmv_jax.fit_em(model, y, max_iters=3, tol=0.0, batch_chunk=chunk, mesh=mesh, acceleration=None,
+                    callback=lambda info: stamps.append(time.perf_counter()))
+    seconds = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+    devices = 1 if mesh is None else mesh.shape["batch"]
+    return (f"| {num_sequences} x {num_steps} | {chunk} | {devices} | {stamps[1] - begin:.1f} | {seconds:.3f} |"
+            f" {num_sequences / seconds:.0f} |")
+
+
+def run_scale_batches(num_sequences: list[int], num_steps: int, chunk: int, dtype, devices: list[int]) -> list[str]:
+    """``run_scale_batch`` for every batch size and every device count (meshes over the first devices)."""
+    rows = ["| B x T | batch_chunk | devices | first iteration incl. compile (s) | s / EM iteration | series / s |",
+            "|---|---|---|---|---|---|"]
+    for count in devices:
+        mesh = None if count == 1 else jax.sharding.Mesh(np.array(jax.devices()[:count]), ("batch",))
+        for B in num_sequences:
+            rows.append(run_scale_batch(B, num_steps, chunk, dtype, mesh))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm", "stream", "published",
@@ -476,6 +524,8 @@ def main() -> None:
                         help="scale: inference (both backends' filter, dynamax's on 16 states), em (one EM iteration"
                              " of the default spec by both backends), batch (B x T fits), devices (meshes of 1, 2, 4"
                              " devices)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1000], help="scale batch/devices: values of B")
+    parser.add_argument("--chunk", type=int, default=100, help="scale batch/devices: fit_em(batch_chunk=...)")
     parser.add_argument("--dtype", choices=["float64", "float32"], default=None,
                         help="scale: precision (default float64 on CPU, float32 on an accelerator)")
     args = parser.parse_args()
@@ -493,6 +543,13 @@ def main() -> None:
         rows = []
         if "inference" in args.scale_parts:
             rows += run_scale_inference(args.states, args.steps, args.repeats, jnp.dtype(dtype))
+        if "em" in args.scale_parts:
+            rows += run_scale_em(args.steps, args.repeats, jnp.dtype(dtype))
+        if "batch" in args.scale_parts:
+            rows += run_scale_batches(args.batches, args.steps[0], args.chunk, jnp.dtype(dtype), [1])
+        if "devices" in args.scale_parts:
+            counts = [n for n in (1, 2, 4) if n <= jax.device_count()]
+            rows += run_scale_batches(args.batches, args.steps[0], args.chunk, jnp.dtype(dtype), counts)
     elif args.which == "published":
         rows = run_published(args.chains, args.steps, args.repeats, tuple(args.parts), args.plain)
     elif args.which == "standard_errors":
