@@ -51,7 +51,7 @@ def _blocked_posteriors(model, y, x, mask, method):
     return posterior, e_step(model, y, x, mask, block_steps=2, method=method)
 
 
-def _check_blocked_posteriors(spec, model, y, x, ref, rng, method, padding=3):
+def _check_blocked_posteriors(spec, model, y, x, ref, rng, method="sequential", padding=3):
     """The smoother and the E-step in blocks of 2 steps, on the sequence followed by garbage padding steps."""
     T = y.shape[0]
     y_pad = jnp.asarray(np.concatenate([y, rng.normal(size=(padding, y.shape[1])) * 50]))
