@@ -481,8 +481,8 @@ class _Timed(Exception):
 
 
 def run_scale_batch(num_sequences: int, num_steps: int, chunk: int, dtype, mesh=None, iterations: int = 3) -> str:
-    """Series per second of ``fit_em`` on a batch [B, T] of the default spec's series (the iterations after the
-    first, which compiles), chunks of ``chunk`` sequences; a table row."""
+    """Series per second of ``fit_em`` on a batch [B, T] of the default spec's series (the mean of the iterations
+    after the first two ECM steps, the first of which compiles), chunks of ``chunk`` sequences; a table row."""
     model = example_model(jax.random.key(0)).astype(dtype)
     y = jax.vmap(lambda k: model.sample(k, num_steps).observations)(jax.random.split(jax.random.key(1),
                                                                                      num_sequences))
@@ -507,7 +507,7 @@ def run_scale_batch(num_sequences: int, num_steps: int, chunk: int, dtype, mesh=
 
 def run_scale_batches(num_sequences: list[int], num_steps: int, chunk: int, dtype, devices: list[int]) -> list[str]:
     """``run_scale_batch`` for every batch size and every device count (meshes over the first devices)."""
-    rows = ["| B x T | batch_chunk | devices | first iteration incl. compile (s) | s / EM iteration | series / s |",
+    rows = ["| B x T | batch_chunk | devices | first two ECM steps incl. compile (s) | s / EM iteration | series / s |",
             "|---|---|---|---|---|---|"]
     for count in devices:
         mesh = None if count == 1 else jax.sharding.Mesh(np.array(jax.devices()[:count]), ("batch",))
