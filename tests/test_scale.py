@@ -7,6 +7,7 @@ count is fixed when JAX starts, so the mesh runs in a subprocess with four host 
 run in two processes with two each, on the loopback address.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -160,8 +161,10 @@ print(json.dumps({"devices": len(jax.devices()), "history": four.log_likelihoods
 
 
 def _environment(devices: int, cache: str) -> dict[str, str]:
-    """This environment with ``devices`` host devices, the CPU backend and a compilation cache of its own."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    """This environment (its XLA flags kept) with ``devices`` host devices, the CPU backend and a compilation
+    cache of its own."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     if "JAX_COMPILATION_CACHE_DIR" in env:
         env["JAX_COMPILATION_CACHE_DIR"] = str(Path(env["JAX_COMPILATION_CACHE_DIR"]) / cache)
     return env
@@ -213,17 +216,23 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_reproduce_one(reference):
+def test_two_processes_reproduce_one(reference, tmp_path):
+    """Each worker writes to files, not pipes: a worker blocked on a full pipe would stall the other's collectives."""
     address = f"127.0.0.1:{_free_port()}"
-    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i)], env=_environment(2, "processes"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = []
-    try:
-        for worker in workers:
-            outputs.append(worker.communicate(timeout=TIMEOUT))
-    finally:
-        for worker in workers:
-            worker.kill()
+    logs = [(tmp_path / f"{i}.out", tmp_path / f"{i}.err") for i in range(2)]
+    environment, workers = _environment(2, "processes"), []
+    with contextlib.ExitStack() as files:
+        for i, (out, err) in enumerate(logs):
+            workers.append(subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i)], env=environment,
+                                            stdout=files.enter_context(out.open("w")),
+                                            stderr=files.enter_context(err.open("w"))))
+        try:
+            for worker in workers:
+                worker.wait(timeout=TIMEOUT)
+        finally:
+            for worker in workers:
+                worker.kill()
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     for worker, (stdout, stderr) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, stderr[-4000:]
         got = _last_json_line(stdout)
