@@ -68,9 +68,20 @@ def _directions(score: dict[str, Array], names: list[str]) -> list[dict[str, Arr
     ``_FULL_DIRECTIONS`` of them, else the score's part in each array."""
     sizes = {k: int(np.size(score[k])) for k in names}
     if sum(sizes.values()) <= _FULL_DIRECTIONS:
-        return [{k: jnp.zeros_like(score[k]).reshape(-1).at[i].set(1.0).reshape(score[k].shape)}
-                for k in names for i in range(sizes[k]) if float(np.ravel(score[k])[i]) != 0.0]
+        directions = []
+        for k in names:
+            flat = np.ravel(np.asarray(score[k]))
+            for i in np.flatnonzero(flat != 0.0):
+                unit = np.zeros_like(flat)
+                unit[i] = 1.0
+                directions.append({k: unit.reshape(np.shape(score[k]))})
+        return directions
     return [{k: score[k] / jnp.sqrt(jnp.sum(score[k] ** 2))} for k in names if float(jnp.sum(score[k] ** 2)) > 0]
+
+
+def _flatten(arrays: dict[str, Array], names: list[str]) -> np.ndarray:
+    """The arrays ``names`` of ``arrays``, each raveled, as one flat float64 host vector [sum of their sizes]."""
+    return np.concatenate([np.ravel(np.asarray(arrays[k], np.float64)) for k in names])
 
 
 def check_score(model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, *,
@@ -102,14 +113,16 @@ def check_score(model: FHMV, y: Array, x: Array | None, mask: Array, prior: Cova
         return ScoreCheck({k: np.asarray(g) for k, g in score.items()}, norm, float("inf"))
     directions = _directions(score, names)
     h = _difference_step(model.dtype)
+    zeros = {k: np.zeros(np.shape(score[k])) for k in names}
+    basis = np.stack([_flatten(zeros | d, names) for d in directions]) if directions else np.zeros((0, 0))
     columns = []
     for direction in directions:
         plus = gradient({k: raw[k] + h * direction[k] if k in direction else raw[k] for k in raw})
         minus = gradient({k: raw[k] - h * direction[k] if k in direction else raw[k] for k in raw})
-        columns.append([float(sum(jnp.sum((plus[k] - minus[k]) * d[k]) for k in d)) / (2 * h) for d in directions])
-    slopes = np.asarray([float(sum(jnp.sum(score[k] * d[k]) for k in d)) for d in directions])
+        columns.append(basis @ (_flatten(plus, names) - _flatten(minus, names)) / (2 * h))
     remaining = 0.0
     if directions:
+        slopes = basis @ flat_score
         hessian = np.asarray(columns)
         eigvals, eigvecs = np.linalg.eigh(-0.5 * (hessian + hessian.T))
         floor = _CURVATURE_FLOOR * max(float(np.max(np.abs(eigvals))), np.finfo(float).tiny)
