@@ -23,12 +23,14 @@ use the same compiled ECM programs."""
 
 
 def _ragged_batch(spec, rng, truth, data):
-    """[2, 60, D] observations and a [2, 60] driver, of lengths ``LENGTHS``: sampled from ``truth`` or t noise."""
+    """[2, 60, D] observations and a [2, 60] driver, of lengths ``LENGTHS``: sampled from ``truth`` or t noise.
+
+    A shorter sequence is the start of a 60-step sample (one sampler program for both)."""
     y = np.zeros((2, 60, spec.num_features))
     x = rng.normal(scale=0.7, size=(2, 60))
     for b, n in enumerate(LENGTHS):
         if data == "sampled":
-            y[b, :n] = truth.sample(jax.random.key(b), int(n), x=jnp.asarray(x[b, :n])).observations
+            y[b, :n] = truth.sample(jax.random.key(b), 60, x=jnp.asarray(x[b])).observations[:n]
         else:
             y[b, :n] = rng.standard_t(5, size=(n, spec.num_features))
     return y, x if spec.needs_driver else None
@@ -165,6 +167,8 @@ def test_empty_regime_fits_without_nan(rng):
 
 
 def test_a_decreasing_step_raises(rng, monkeypatch):
+    """A patched, harmful M-step is caught. The data have a length no other test uses: a compiled ECM step is
+    cached by shape, so the patched step must neither reuse another test's program nor leave one behind."""
     spec = ModelSpec(num_features=2, num_regimes=2, num_chains=0, num_jump_states=1, leverage="none")
     original = loop_module.m_step
 

@@ -145,9 +145,13 @@ def _simulate_one(key: PRNGKeyArray, num_steps: int, frequencies, transition, in
     return regimes, jnp.stack([columns[name] for name in FEATURE_NAMES], axis=-1), noise
 
 
-@functools.partial(jax.jit, static_argnames="num_steps")
+@functools.partial(jax.jit, static_argnames="num_steps", compiler_options={"xla_backend_optimization_level": 2})
 def _simulate_batch(keys: PRNGKeyArray, frequencies, transition, initial_price, num_steps: int):
-    """vmap of ``_simulate_one`` over keys [B]; compiled once per (B, num_steps)."""
+    """vmap of ``_simulate_one`` over keys [B]; compiled once per (B, num_steps).
+
+    Compiled with LLVM at -O2 instead of XLA's default -O3: on a CPU that takes 2.1 s instead of 5.1 s at
+    B = 40, T = 5000, and the program runs as fast (0.26 s against 0.31 s; docs/benchmarks.md).
+    """
     return jax.vmap(lambda k: _simulate_one(k, num_steps, frequencies, transition, initial_price))(keys)
 
 
