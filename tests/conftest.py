@@ -45,6 +45,27 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", directory)
 
 
+SHARED_PROGRAMS = {"test_em.py": "tiny-specs", "test_same_numbers.py": "tiny-specs", "test_streaming.py": "tiny-specs"}
+"""Modules that compile the same programs (the tiny specs' ECM step on the [2, 60] ragged batch, their filter on
+60 steps), so one worker runs them one after the other and the later ones find those programs in its cache.
+Every other module is a work unit of its own, as with ``--dist loadscope``."""
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with the modules of ``SHARED_PROGRAMS`` in one scope. (xdist's own ``loadgroup`` cannot
+    do this with this pytest: it renames ``item._nodeid``, which ``item.nodeid`` no longer reads.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedProgramScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return SHARED_PROGRAMS.get(module, module)
+
+    return SharedProgramScheduling(config, log)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     yield
