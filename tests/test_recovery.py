@@ -91,15 +91,16 @@ def _objective_and_score(spec, y, x, mask, prior, fixed_raw, names, shapes):
             start += size
         return arrays
 
-    def score_of(flat):
-        score = _score(unflatten(flat), spec, y, x, mask, prior, None)
+    def flat_score(raw):
+        score = _score(raw, spec, y, x, mask, prior, None)
         return np.concatenate([np.ravel(score[n]) for n in names])
 
     def value_and_score(flat):
-        info = _OBJECTIVE(FHMV.from_raw_arrays(spec, unflatten(flat)), y, x, mask, prior)
-        return float(info.log_likelihood + info.log_prior), score_of(flat)
+        raw = unflatten(flat)
+        info = _OBJECTIVE(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior)
+        return float(info.log_likelihood + info.log_prior), flat_score(raw)
 
-    return value_and_score, score_of
+    return value_and_score, lambda flat: flat_score(unflatten(flat))
 
 
 @pytest.mark.parametrize("name", list(CASES))
