@@ -31,7 +31,19 @@ Transitions = tuple[Array, ...]
 
 
 UNROLL = 8
-"""Scan unroll factor: XLA's per-iteration overhead dominates these small steps on CPU."""
+UNROLL_MIN_STEPS = 512
+UNROLL_MIN_ELEMENTS = 2**16
+"""A scan is unrolled ``UNROLL`` times when it runs at least ``UNROLL_MIN_STEPS`` steps or its inputs [L, *shape]
+hold at least ``UNROLL_MIN_ELEMENTS`` numbers (a full block of a long sequence over many states): XLA's
+per-iteration overhead dominates these small steps on CPU (a 1e5-step filter over 96 states: 0.535 s rolled,
+0.27 s unrolled). Shorter scans stay rolled: an unrolled body costs compile time that their run does not repay
+(default spec, 300 steps: first ``fit_em`` call 11 s unrolled, 8.8 s rolled; docs/benchmarks.md)."""
+
+
+def unroll(steps_shape: tuple[int, ...]) -> int:
+    """The unroll factor of a scan over inputs of shape [L, *shape] (``UNROLL_MIN_STEPS``, ``UNROLL_MIN_ELEMENTS``)."""
+    return UNROLL if steps_shape[0] >= UNROLL_MIN_STEPS or math.prod(steps_shape) >= UNROLL_MIN_ELEMENTS else 1
+
 
 DOT_STATES = 16
 DOT_MESSAGE = 512

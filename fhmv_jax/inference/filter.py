@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 
 from .._types import Array, Float
-from ._ops import UNROLL, Transitions, at_step, condition, predict, time_varying
+from ._ops import Transitions, at_step, condition, predict, time_varying, unroll
 
 
 def forward_scan(
@@ -47,5 +47,5 @@ def forward_scan(
         out = (filtered, normaliser, predicted) if with_predicted else (filtered, normaliser)
         return predict(filtered, at_step(transitions, matrices_t)), out
 
-    predicted, out = jax.lax.scan(_step, predicted, (scaled, outgoing), unroll=UNROLL)
+    predicted, out = jax.lax.scan(_step, predicted, (scaled, outgoing), unroll=unroll(scaled.shape))
     return (predicted, *out)

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 
 from .._types import Array, Float
 from ._ops import (
-    UNROLL,
     Transitions,
     apply_along_axis,
     at_step,
@@ -26,6 +25,7 @@ from ._ops import (
     is_rank_one,
     merge_invariant_axes,
     split_pairwise,
+    unroll,
 )
 
 
@@ -56,7 +56,7 @@ def backward_scan(
         b_t, c_t, matrices_t = inputs
         return backward_step(beta, b_t, c_t, at_step(transitions, matrices_t), varying + invariant), beta
 
-    return jax.lax.scan(_step, beta, (scaled, normalisers, incoming), reverse=True, unroll=UNROLL)
+    return jax.lax.scan(_step, beta, (scaled, normalisers, incoming), reverse=True, unroll=unroll(scaled.shape))
 
 
 def along_axis(messages: Float[Array, "L ..."], matrix: Array, axis: int, *, transpose: bool = False) -> Array:

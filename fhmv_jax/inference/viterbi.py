@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from .._types import Array, Float, Int
 from . import parallel
-from ._ops import UNROLL, Transitions, at_step, dense, max_product_step, time_varying
+from ._ops import Transitions, at_step, dense, max_product_step, time_varying, unroll
 
 
 def _column_log_probs(log_matrices: tuple[Array, ...], next_state: tuple[Array, ...]) -> Array:
@@ -64,7 +64,8 @@ def most_likely_states(
 
     first = jnp.log(initial_probs) + log_likelihoods[0]
     first = first - jnp.max(first)
-    _, later = jax.lax.scan(_forward, first, (log_likelihoods[1:], tuple(m[:-1] for m in dynamic)), unroll=UNROLL)
+    steps_unroll = unroll(log_likelihoods.shape)
+    _, later = jax.lax.scan(_forward, first, (log_likelihoods[1:], tuple(m[:-1] for m in dynamic)), unroll=steps_unroll)
     log_deltas = jnp.concatenate([first[None], later])
 
     def _backward(next_state, inputs):
@@ -75,5 +76,5 @@ def most_likely_states(
 
     last = jnp.unravel_index(jnp.argmax(log_deltas[-1]), shape)
     steps = (log_deltas[:-1], tuple(m[:-1] for m in dynamic))
-    _, earlier = jax.lax.scan(_backward, last, steps, reverse=True, unroll=UNROLL)
+    _, earlier = jax.lax.scan(_backward, last, steps, reverse=True, unroll=steps_unroll)
     return jnp.concatenate([earlier, jnp.stack(last)[None]])
