@@ -12,6 +12,9 @@ vmapped programs ("Instruction with unsupported layout in YNN fusion").
 The option is experimental in XLA, so it is probed once, at the first compilation, and left
 out where this jaxlib does not know it or the backend is not a CPU. ``fit_em(tuned_compilation=False)``
 compiles with XLA's defaults instead (``fast_jit.plain``).
+
+The sampler's scan is long straight-line code (threefry, gamma draws) that LLVM's -O3 spends its time on:
+``llvm_o2()`` compiles it 20-40% faster into a program that draws the same numbers, as fast (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -40,24 +43,31 @@ def compiler_options() -> dict[str, str]:
     return options
 
 
+def llvm_o2() -> dict[str, int]:
+    """The options that compile with LLVM at -O2 instead of XLA's default -O3."""
+    return {"xla_backend_optimization_level": 2}
+
+
 class fast_jit:
-    """``eqx.filter_jit(fn)`` compiled with ``compiler_options()`` when called at top level
-    with arguments for which ``wanted(*args)`` holds; ``plain`` is ``eqx.filter_jit(fn)`` itself.
+    """``eqx.filter_jit(fn)`` compiled with ``options()`` (default ``compiler_options()``) when called at top
+    level with arguments for which ``wanted(*args)`` holds (default: always); ``plain`` is ``eqx.filter_jit(fn)``.
 
     The options are chosen at the first call, not at import (the probe initialises the
     backend). Inside another trace (a caller's ``jax.jit``, ``grad``, ``vmap``) the plain
     ``eqx.filter_jit`` runs, since compiler options belong to the outermost compilation.
     """
 
-    def __init__(self, fn: Callable, wanted: Callable[..., bool]):
+    def __init__(self, fn: Callable, wanted: Callable[..., bool] = lambda *args, **kwargs: True,
+                 options: Callable[[], dict] = compiler_options):
         self._fn = fn
         self._wanted = wanted
+        self._options = options
         self.plain = eqx.filter_jit(fn)
         functools.update_wrapper(self, fn)
 
     @functools.cached_property
     def tuned(self) -> Callable:
-        options = compiler_options()
+        options = self._options()
         return eqx.filter_jit(self._fn, compiler_options=options) if options else self.plain
 
     def _choose(self, args, kwargs) -> Callable:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.signal import lfilter
 
+from .._compile import llvm_o2
 from .._types import PRNGKeyArray
 
 FEATURE_NAMES = ("LM", "SR", "Abs", "RoC", "RoC2", "P", "T", "Vol", "RPN", "Delta")
@@ -145,7 +146,7 @@ def _simulate_one(key: PRNGKeyArray, num_steps: int, frequencies, transition, in
     return regimes, jnp.stack([columns[name] for name in FEATURE_NAMES], axis=-1), noise
 
 
-@functools.partial(jax.jit, static_argnames="num_steps", compiler_options={"xla_backend_optimization_level": 2})
+@functools.partial(jax.jit, static_argnames="num_steps", compiler_options=llvm_o2())
 def _simulate_batch(keys: PRNGKeyArray, frequencies, transition, initial_price, num_steps: int):
     """vmap of ``_simulate_one`` over keys [B]; compiled once per (B, num_steps).
 

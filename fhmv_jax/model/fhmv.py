@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import inference
+from .._compile import fast_jit, llvm_o2
 from .._types import Array, Bool, Float, Int, PRNGKeyArray, Scalar
 from .emissions import BlockTerms, StudentTMixture, inverse_cholesky, log_sum_exp
 from .factors import (
@@ -561,8 +562,7 @@ def _viterbi(model: FHMV, y: Array, x: Array | None, method: str) -> Factors:
     return _split_factors(model.spec, list(path.T), stack_axis=1)
 
 
-@eqx.filter_jit
-def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> Sample:
+def _sample_steps(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> Sample:
     spec, mixture, dtype = model.spec, model.emission, model.dtype
     invariant = [f for f in model.chain_factors if not isinstance(f, MarkovLeverage)]
     laws = [law for f in invariant for law in f.initial_laws()]
@@ -615,3 +615,6 @@ def _sample(model: FHMV, key: PRNGKeyArray, x: Array | None, num_steps: int) -> 
     )
     paths = _split_factors(spec, list(states.T), stack_axis=1)
     return Sample(y, paths, components, log_scale, driver if spec.needs_driver else None)
+
+
+_sample = fast_jit(_sample_steps, options=llvm_o2)
