@@ -11,9 +11,11 @@ B = sum_t (V^T s_t)(V^T s_t)^T the outer product of the per-step scores s_t = d 
 the covariance of phi (theta = theta_hat + V phi) is A^-1 (``hessian``), B^-1 (``opg``) or A^-1 B A^-1
 (``sandwich``); the natural parameters' is (J V) C (J V)^T (the delta method, J by forward-mode autodiff).
 
-Cost. H V comes from Hessian-vector products (forward-over-reverse), ``chunk_size`` directions per call of one
-compiled program; the per-step scores likewise from Jacobian-vector products of the per-step log-likelihoods.
-Nothing of size P x P x T is formed; memory is about ``chunk_size`` times that of one gradient.
+Cost. The Hessian's emission block (most coordinates: the default spec has 804 of 1397) comes from Louis'
+identity in one pass over the data (``fhmv_jax.information``); the rest of V^T H V from Hessian-vector products
+(forward-over-reverse) along the other coordinates, ``chunk_size`` directions per call of one compiled program,
+run side by side with the emission pass. The per-step scores come from Jacobian-vector products of the per-step
+log-likelihoods. Nothing of size P x P x T is formed; memory is about ``chunk_size`` times that of one gradient.
 
 n in BIC and HQIC counts the observed time steps (all sequences together), as statsmodels' Markov-switching
 models do: a step's D features are one observation of a dependent series, not D independent ones.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import equinox as eqx
@@ -37,6 +40,7 @@ from .em.gradient import fit_gradient
 from .em.loop import FitResult, batch_objective
 from .em.m_step import CovariancePrior
 from .em.stats import batch_e_step
+from .information import emission_coordinates, emission_fields, emission_hessian
 from .model.fhmv import FHMV, natural_bounds, natural_shapes, sequence_filter, sequence_log_likelihood
 from .model.inputs import check_sequences
 from .precision import warn_if_float32_on_cpu
@@ -172,10 +176,11 @@ def _component_counts(model: FHMV, y, x, mask) -> Float[Array, "G K"]:
 
 
 @eqx.filter_jit
-def _hessian_products(theta, tangents: Float[Array, "C P"], model, layout, y, x, mask) -> Float[Array, "C P"]:
-    """H v for every row v of ``tangents`` (forward-over-reverse)."""
+def _hessian_products(theta, tangents: Float[Array, "C P"], model, layout, y, x, mask
+                      ) -> tuple[Float[Array, " P"], Float[Array, "C P"]]:
+    """(the gradient, H v for every row v of ``tangents``) by forward-over-reverse."""
     gradient = jax.grad(lambda t: _total(t, model, layout, y, x, mask))
-    return jax.vmap(lambda v: jax.jvp(gradient, (theta,), (v,))[1])(tangents)
+    return jax.vmap(lambda v: jax.jvp(gradient, (theta,), (v,)), out_axes=(None, 0))(tangents)
 
 
 @eqx.filter_jit
@@ -187,6 +192,18 @@ def _step_score_products(theta, tangents: Float[Array, "C P"], model, layout, y,
 @eqx.filter_jit
 def _natural_jacobian(theta, model: FHMV, layout: FlatLayout, natural: FlatLayout) -> Float[Array, "Q P"]:
     return jax.jacfwd(lambda t: natural.ravel(model_at(model, layout, t).natural_parameters()))(theta)
+
+
+def _rank_tolerance(model: FHMV) -> float:
+    """Singular values below this fraction of the largest count as zero (directions, bases)."""
+    return 1e-9 if model.dtype == jnp.float64 else 1e-5
+
+
+def _array_coordinates(layout: FlatLayout, names: tuple[str, ...]) -> np.ndarray:
+    """The positions in the flat vector of every element of the named arrays."""
+    offsets = np.cumsum([0] + [math.prod(s) for s in layout.shapes])
+    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, name in enumerate(layout.names)
+                           if name in names] or [np.zeros(0, int)])
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -264,10 +281,50 @@ class _Problem(NamedTuple):
         value, gradient = _value_and_gradient(self.theta, *self.args())
         return float(value), np.asarray(gradient)
 
-    def hessian_products(self, directions: np.ndarray, chunk_size: int, progress: bool) -> np.ndarray:
-        """[k, P] H v for the rows v of ``directions``."""
-        return _in_chunks(lambda v: _hessian_products(self.theta, v, *self.args()), directions, chunk_size,
-                          progress, "Hessian")
+    def hessian_products(self, directions: np.ndarray, chunk_size: int, progress: bool
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """(the gradient, [k, P] H v for the rows v of ``directions``)."""
+        gradients = []
+
+        def products(v):
+            gradient, product = _hessian_products(self.theta, v, *self.args())
+            gradients.append(gradient)
+            return product
+
+        chunks = _in_chunks(products, directions, chunk_size, progress, "Hessian")
+        return np.asarray(gradients[0]), chunks
+
+    def projected_hessian(self, directions: np.ndarray, chunk_size: int, progress: bool
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+        """([k, k] V H V^T for the rows of ``directions`` V, the gradient or ``None``): the emission block H_ee by
+        Louis' identity (``information.emission_hessian``), the rest from Hessian-vector products along an
+        orthonormal basis U of the other coordinates' part V_o of the directions (which also give the gradient).
+        With R = U V_o^T and Z = H U^T,
+
+            V H V^T = V_e H_ee V_e^T + V Z R + (V Z R)^T - R^T (U_o Z_o) R,
+
+        the last term removing the other-other block counted twice. The emission program is dispatched first (not
+        waited for); the products compile and run in a second thread meanwhile, so that the two programs run side
+        by side (docs/benchmarks.md)."""
+        moving = _structural_jacobian(self.model, self.layout, natural_layout(self.model)).max(axis=0) > 0
+        coordinates = emission_coordinates(self.model, self.layout.names, self.layout.shapes, moving)
+        emission = coordinates.flat_theta()
+        other = np.setdiff1d(np.arange(self.layout.size), _array_coordinates(self.layout, emission_fields(self.model)))
+        basis, _ = _orthonormal_rows(directions[:, other], _rank_tolerance(self.model))
+        embedded = np.zeros((basis.shape[0], self.layout.size), basis.dtype)
+        embedded[:, other] = basis
+        inner = emission_hessian(self.model, coordinates, self.y, self.x, self.mask)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.hessian_products, embedded, chunk_size, progress) if basis.shape[0] else None
+            gradient, products = (None, None) if pending is None else pending.result()
+        inner = np.asarray(inner)
+        moved = directions[:, emission]
+        total = moved @ (0.5 * (inner + inner.T)) @ moved.T
+        if products is not None:
+            reduced = basis @ directions[:, other].T
+            mixed = directions @ products.T @ reduced
+            total = total + mixed + mixed.T - reduced.T @ (basis @ products[:, other].T) @ reduced
+        return 0.5 * (total + total.T), gradient
 
     def step_scores(self, directions: np.ndarray, chunk_size: int, progress: bool) -> np.ndarray:
         """[k, B, T] s_t^T v for the rows v of ``directions``."""
@@ -317,8 +374,7 @@ def hessian(model: FHMV | FitResult, y, x=None, *, lengths=None, chunk_size: int
     per call). Arguments as ``score``."""
     _check_chunk_size(chunk_size)
     problem = _Problem.of(_unwrap(model, "hessian"), y, x, lengths, "hessian")
-    products = problem.hessian_products(np.eye(problem.layout.size), chunk_size, progress)
-    return 0.5 * (products + products.T)
+    return problem.projected_hessian(np.eye(problem.layout.size), chunk_size, progress)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -537,7 +593,7 @@ def standard_errors(
     jacobian = np.asarray(_natural_jacobian(problem.theta, model, problem.layout, natural))
     counts = np.asarray(_component_counts(model, problem.y, problem.x, problem.mask))
     min_count = model.spec.num_features + 1 if min_count is None else min_count
-    rtol = 1e-9 if model.dtype == jnp.float64 else 1e-5
+    rtol = _rank_tolerance(model)
     generic = _structural_jacobian(model, problem.layout, natural)
     fixed = generic.max(axis=1, initial=0.0) <= rtol * generic.max(initial=0.0)
     bounds = natural_bounds(model.spec)
@@ -549,16 +605,17 @@ def standard_errors(
     flagged = np.array([label in flags for label in labels], bool)
     directions = identified_directions(jacobian, flagged, rtol)
 
-    _, gradient = problem.gradient()
-    outer = None
+    outer = gradient = None
     if kind != "hessian":
         steps = problem.step_scores(directions, chunk_size, progress).reshape(directions.shape[0], -1)
         outer = steps @ steps.T
     if kind == "opg":
         information = outer
     else:
-        information = -(problem.hessian_products(directions, chunk_size, progress) @ directions.T)
-        information = 0.5 * (information + information.T)
+        hessian, gradient = problem.projected_hessian(directions, chunk_size, progress)
+        information = -hessian
+    if gradient is None:
+        _, gradient = problem.gradient()
     eigenvalues = np.linalg.eigvalsh(information)
     positive = _positive_definite(eigenvalues)
     num_observations = int(problem.mask.sum())

@@ -85,6 +85,25 @@ def test_hessian_is_the_finite_difference_of_the_gradient(name, rng):
     np.testing.assert_allclose(got, 0.5 * (reference + reference.T), rtol=0, atol=1e-6 * np.abs(reference).max())
 
 
+def test_hessian_of_a_ragged_batch_equals_autodiff(rng):
+    """The emission block by Louis' identity (``fhmv_jax.information``) and the rest by Hessian-vector products,
+    against jax.hessian to rounding, with a scale mask, Gaussian components and family jumps (the other modes: the
+    finite differences above; the covariance recursion alone: ``test_additive``)."""
+    model, y, x = _tiny("family-mask-gaussian", rng)
+    short = LENGTHS[1]
+    got = diagnostics.hessian(model, np.stack([y, np.where(np.arange(STEPS)[:, None] < short, y[::-1], np.nan)]),
+                              np.stack([x, x[::-1]]), lengths=(STEPS, short))
+    layout = diagnostics.free_layout(model)
+
+    def total(theta):
+        at = diagnostics.model_at(model, layout, theta)
+        return sum(sequence_log_likelihood(at, jnp.asarray(a), jnp.asarray(b), jnp.ones(len(a), bool))
+                   for a, b in ((y, x), (y[::-1][:short], x[::-1][:short])))
+
+    exact = np.asarray(jax.jit(jax.hessian(total))(layout.ravel(model.free_arrays())))
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-11 * np.abs(exact).max())
+
+
 def test_per_step_scores_opg_and_delta_method_match_one_step_at_a_time(rng):
     """Per-step scores against reverse-mode gradients of log p(y_1:t) - log p(y_1:t-1) (prefix masks); the OPG
     covariance against those outer products; the delta method against a finite-difference Jacobian."""

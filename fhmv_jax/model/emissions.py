@@ -143,6 +143,41 @@ class ComponentTerms(NamedTuple):
     log_ratio: Float[Array, "T G K V"] | None
 
 
+class SharedTerms(NamedTuple):
+    """Per (g, k): ``normalisers`` (everything in log t_D that depends on neither y nor s), ``log_weights``
+    (normalised: log w_{g,k}) and ``dof`` (nu, ``None`` for Gaussian components)."""
+
+    normalisers: Float[Array, "G K"]
+    log_weights: Float[Array, "G K"]
+    dof: Float[Array, "G K"] | None
+
+
+def component_log_densities(mahalanobis: MahalanobisTerms, shared: SharedTerms, log_scale: Float[Array, "T V"],
+                            inv_scale: Float[Array, "T V"] | None, num_features: int, num_scaled_features: int
+                            ) -> ComponentTerms:
+    """log w_{g,k} + log t_D(y_t; mu_{g,k}, s_t(v) Sigma_{g,k}, nu_{g,k}) (or the Gaussian density) and its parts.
+
+    Args:
+        mahalanobis: the quadratic forms of the steps (``mahalanobis_terms``).
+        shared: the mixture's ``SharedTerms``.
+        log_scale: [T, V] (or [1, V]) log s_t(v).
+        inv_scale: 1 / s_t(v), if known without an exp per element (default exp(-log_scale)).
+        num_features: D; num_scaled_features: D_s, the features the scale multiplies.
+    """
+    delta = scaled_mahalanobis(mahalanobis, log_scale, inv_scale)
+    normalisers = shared.normalisers[None, :, :, None]
+    scale_term = -0.5 * num_scaled_features * log_scale[:, None, None, :]
+    log_ratio = None
+    if shared.dof is None:
+        component = normalisers + scale_term - 0.5 * delta
+    else:
+        nu = shared.dof[None, :, :, None]
+        log_ratio = jnp.log1p(delta / nu)
+        component = normalisers + scale_term - 0.5 * (nu + num_features) * log_ratio
+    weighted = component + shared.log_weights[None, :, :, None]
+    return ComponentTerms(weighted, delta, log_ratio)
+
+
 class BlockTerms(NamedTuple):
     """Emission terms of L steps, as expressions that XLA fuses into their consumers.
 
@@ -276,27 +311,16 @@ class StudentTMixture(AbstractBlock):
         dof = self.dof()
         return gammaln((dof + D) / 2) - gammaln(dof / 2) - 0.5 * D * jnp.log(dof * math.pi) - half_log_det
 
+    def shared_terms(self) -> SharedTerms:
+        """The (g, k) quantities of the component log-densities that depend on neither y nor s."""
+        return SharedTerms(self.log_normalisers(self.cholesky()), jax.nn.log_softmax(self.log_weights, axis=-1),
+                           self.dof())
+
     def component_terms(self, mahalanobis: MahalanobisTerms, log_scale: Float[Array, "T V"],
                         inv_scale: Float[Array, "T V"] | None = None) -> ComponentTerms:
-        """log w_{g,k} + log t_D(y_t; mu_{g,k}, s_t(v) Sigma_{g,k}, nu_{g,k}) (or the Gaussian density) and its parts.
-
-        Args:
-            mahalanobis: the quadratic forms of the steps (``mahalanobis_terms``).
-            log_scale: [T, V] (or [1, V]) log s_t(v).
-            inv_scale: 1 / s_t(v), if known without an exp per element (default exp(-log_scale)).
-        """
-        delta = scaled_mahalanobis(mahalanobis, log_scale, inv_scale)
-        normalisers = self.log_normalisers(self.cholesky())[None, :, :, None]
-        scale_term = -0.5 * self.num_scaled_features * log_scale[:, None, None, :]
-        log_ratio = None
-        if self.gaussian:
-            component = normalisers + scale_term - 0.5 * delta
-        else:
-            nu = self.dof()[None, :, :, None]
-            log_ratio = jnp.log1p(delta / nu)
-            component = normalisers + scale_term - 0.5 * (nu + self.num_features) * log_ratio
-        weighted = component + jax.nn.log_softmax(self.log_weights, axis=-1)[None, :, :, None]
-        return ComponentTerms(weighted, delta, log_ratio)
+        """``component_log_densities`` of this mixture."""
+        return component_log_densities(mahalanobis, self.shared_terms(), log_scale, inv_scale, self.num_features,
+                                       self.num_scaled_features)
 
     def block_terms(self, inv_chol: Array, y: Float[Array, "L D"], log_scale: Array,
                     inv_scale: Array | None = None) -> BlockTerms:

@@ -418,14 +418,18 @@ class Emissions(eqx.Module):
     state_shape: tuple[int, ...] = eqx.field(static=True)
     varying: bool = eqx.field(static=True, default=False)
 
-    def terms(self, rows) -> tuple[Float[Array, "L D"], BlockTerms]:
-        """(y of the rows, their ``BlockTerms``); with a leverage path, 1 / s = exp(-log C M) exp(-log L_t), an
-        outer product (no exp per step and state)."""
+    def scales(self, rows) -> tuple[Float[Array, "L D"], Array, Array | None]:
+        """(y of the rows, log s [L, V] (or [1, V]), 1 / s or ``None`` for exp(-log s)); with a leverage path,
+        1 / s = exp(-log C M) exp(-log L_t), an outer product (no exp per step and state)."""
         if not self.varying:
-            return rows, self.mixture.block_terms(self.inv_chol, rows, self.log_scale)
+            return rows, self.log_scale, None
         y, path = rows
-        inv_scale = jnp.exp(-self.log_scale) * jnp.exp(-path)[:, None]
-        return y, self.mixture.block_terms(self.inv_chol, y, self.log_scale + path[:, None], inv_scale)
+        return y, self.log_scale + path[:, None], jnp.exp(-self.log_scale) * jnp.exp(-path)[:, None]
+
+    def terms(self, rows) -> tuple[Float[Array, "L D"], BlockTerms]:
+        """(y of the rows, their ``BlockTerms``)."""
+        y, log_scale, inv_scale = self.scales(rows)
+        return y, self.mixture.block_terms(self.inv_chol, y, log_scale, inv_scale)
 
     def likelihoods(self, rows) -> tuple[Float[Array, "L ..."], Float[Array, " L"]]:
         """([L, *state_shape] p(y_t | h_t) / exp(m_t), [L] m_t), m_t the step's largest component term."""
