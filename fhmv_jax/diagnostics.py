@@ -370,8 +370,8 @@ def score(model: FHMV | FitResult, y, x=None, *, lengths=None, per_observation: 
 
 def hessian(model: FHMV | FitResult, y, x=None, *, lengths=None, chunk_size: int = 16,
             progress: bool = False) -> np.ndarray:
-    """[P, P] the Hessian of log p(y) in the coordinates of ``score`` (P Hessian-vector products, ``chunk_size``
-    per call). Arguments as ``score``."""
+    """[P, P] the Hessian of log p(y) in the coordinates of ``score``: the emission block by Louis' identity, the
+    other coordinates' rows by Hessian-vector products, ``chunk_size`` per call. Arguments as ``score``."""
     _check_chunk_size(chunk_size)
     problem = _Problem.of(_unwrap(model, "hessian"), y, x, lengths, "hessian")
     return problem.projected_hessian(np.eye(problem.layout.size), chunk_size, progress)[0]
