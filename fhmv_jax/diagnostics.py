@@ -40,7 +40,7 @@ from .em.gradient import fit_gradient
 from .em.loop import FitResult, batch_objective
 from .em.m_step import CovariancePrior
 from .em.stats import batch_e_step
-from .information import emission_coordinates, emission_fields, emission_hessian
+from .information import emission_coordinates, emission_hessian, other_coordinates
 from .model.fhmv import FHMV, natural_bounds, natural_shapes, sequence_filter, sequence_log_likelihood
 from .model.inputs import check_sequences
 from .precision import warn_if_float32_on_cpu
@@ -199,13 +199,6 @@ def _rank_tolerance(model: FHMV) -> float:
     return 1e-9 if model.dtype == jnp.float64 else 1e-5
 
 
-def _array_coordinates(layout: FlatLayout, names: tuple[str, ...]) -> np.ndarray:
-    """The positions in the flat vector of every element of the named arrays."""
-    offsets = np.cumsum([0] + [math.prod(s) for s in layout.shapes])
-    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, name in enumerate(layout.names)
-                           if name in names] or [np.zeros(0, int)])
-
-
 def _check_chunk_size(chunk_size: int) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
@@ -309,7 +302,7 @@ class _Problem(NamedTuple):
         moving = _structural_jacobian(self.model, self.layout, natural_layout(self.model)).max(axis=0) > 0
         coordinates = emission_coordinates(self.model, self.layout.names, self.layout.shapes, moving)
         emission = coordinates.flat_theta()
-        other = np.setdiff1d(np.arange(self.layout.size), _array_coordinates(self.layout, emission_fields(self.model)))
+        other = other_coordinates(self.model, self.layout.names, self.layout.shapes)
         basis, _ = _orthonormal_rows(directions[:, other], _rank_tolerance(self.model))
         embedded = np.zeros((basis.shape[0], self.layout.size), basis.dtype)
         embedded[:, other] = basis
@@ -319,7 +312,7 @@ class _Problem(NamedTuple):
             gradient, products = (None, None) if pending is None else pending.result()
         inner = np.asarray(inner)
         moved = directions[:, emission]
-        total = moved @ (0.5 * (inner + inner.T)) @ moved.T
+        total = moved @ inner @ moved.T
         if products is not None:
             reduced = basis @ directions[:, other].T
             mixed = directions @ products.T @ reduced

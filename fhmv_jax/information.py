@@ -60,16 +60,25 @@ class EmissionCoordinates(NamedTuple):
         return np.asarray(self.theta).reshape(-1)
 
 
-def emission_fields(model: FHMV) -> tuple[str, ...]:
-    """The names of the mixture's arrays (``FHMV.raw_arrays`` keys)."""
-    return tuple(model.emission.raw_arrays())
+def _offsets(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]) -> dict[str, int]:
+    """Where each named array starts in the flat vector."""
+    return dict(zip(names, np.cumsum([0] + [math.prod(s) for s in shapes])[:-1].tolist(), strict=True))
+
+
+def other_coordinates(model: FHMV, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """The positions in a flat layout (``names``, ``shapes`` in vector order) outside the mixture's arrays."""
+    offsets = _offsets(names, shapes)
+    mixture = set(model.emission.raw_arrays())
+    return np.concatenate([np.arange(offsets[name], offsets[name] + math.prod(shape))
+                           for name, shape in zip(names, shapes, strict=True) if name not in mixture]
+                          or [np.zeros(0, int)])
 
 
 def emission_coordinates(model: FHMV, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...],
                          moving: np.ndarray) -> EmissionCoordinates:
     """The emission coordinates of a flat layout (``names``, ``shapes`` in vector order) that ``moving`` [P] marks
     (those that can move a natural parameter: not the unused upper triangle of a Cholesky factor)."""
-    offsets = dict(zip(names, np.cumsum([0] + [math.prod(s) for s in shapes])[:-1].tolist(), strict=True))
+    offsets = _offsets(names, shapes)
     layout = dict(zip(names, shapes, strict=True))
 
     def position(name, g, index):
@@ -78,7 +87,7 @@ def emission_coordinates(model: FHMV, names: tuple[str, ...], shapes: tuple[tupl
 
     G = model.spec.num_regimes
     fields, indices = [], []
-    for name in (name for name in emission_fields(model) if name in layout):
+    for name in (name for name in model.emission.raw_arrays() if name in layout):
         for index in np.ndindex(*layout[name][1:]):
             if any(moving[position(name, g, index)] for g in range(G)):
                 fields.append(name)

@@ -94,16 +94,17 @@ def _moved(message: Float[Array, "*shape Q"], matrices: Transitions) -> Float[Ar
 
 def _past_means(start: Array, filtered: Array, transitions: Transitions, varying: tuple[Array, ...],
                 g: Array, centre: Array) -> tuple[Array, Array]:
-    """(M_t for the L steps of a block [L, *shape, G, p], M after its last step), from M at its first step."""
+    """(M_t for the L steps of a block [L, *shape, G, p], M after its last step), from M at its first step; the
+    predicted law sum_h alpha_t(h) P_t(h, h') moves as one more column of the same product."""
     G, p = centre.shape[1:]
 
     def step(past, inputs):
         alpha, slices, g_t, c_t = inputs
-        matrices = at_step(transitions, slices)
-        predicted = propagate(alpha, matrices)
         centred = past + _embedded(g_t) - c_t.reshape((1,) * alpha.ndim + c_t.shape)
-        moved = _moved((alpha[..., None, None] * centred).reshape(alpha.shape + (G * p,)), matrices)
-        following = moved.reshape(past.shape) / jnp.where(predicted > 0, predicted, 1.0)[..., None, None]
+        weighted = (alpha[..., None, None] * centred).reshape(alpha.shape + (G * p,))
+        moved = _moved(jnp.concatenate([weighted, alpha[..., None]], axis=-1), at_step(transitions, slices))
+        predicted = moved[..., -1]
+        following = moved[..., :-1].reshape(past.shape) / jnp.where(predicted > 0, predicted, 1.0)[..., None, None]
         return following, past
 
     last, pasts = jax.lax.scan(step, start, (filtered, varying, g, centre))
