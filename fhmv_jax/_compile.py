@@ -13,6 +13,8 @@ The option is experimental in XLA, so it is probed once, at the first compilatio
 out where this jaxlib does not know it or the backend is not a CPU. ``fit_em(tuned_compilation=False)``
 compiles with XLA's defaults instead (``fast_jit.plain``).
 
+The standard errors' programs (``information``, ``diagnostics``) compile with ``classic_emitters()``.
+
 The sampler's scan is long straight-line code (threefry, gamma draws) that LLVM's -O3 spends its time on:
 ``llvm_o2()`` compiles it 20-40% faster into a program that draws the same numbers, as fast (docs/benchmarks.md).
 """
@@ -30,17 +32,29 @@ _OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _FUSIONS = ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("INDIVIDUAL_DOT", "ELTWISE", "REDUCE"))
 
 
-@functools.cache
-def compiler_options() -> dict[str, str]:
-    """The options ``fast_jit`` compiles with: empty off CPU or when unsupported."""
+def _on_cpu_if_supported(options: dict) -> dict:
+    """``options`` when the backend is a CPU and this jaxlib compiles with them, else empty."""
     if jax.default_backend() != "cpu":
         return {}
-    options = {_OPTION: _FUSIONS}
     try:
         jax.jit(jnp.exp, compiler_options=options).lower(jnp.zeros(2)).compile()
     except jax.errors.JaxRuntimeError:
         return {}
     return options
+
+
+@functools.cache
+def compiler_options() -> dict[str, str]:
+    """The options ``fast_jit`` compiles with: empty off CPU or when unsupported."""
+    return _on_cpu_if_supported({_OPTION: _FUSIONS})
+
+
+@functools.cache
+def classic_emitters() -> dict[str, bool]:
+    """XLA:CPU's classic LLVM emitters instead of its fusion emitters, which build each fusion in an MLIR context
+    of its own: the diagnostics' two large programs compile in about half the time and run as fast
+    (docs/benchmarks.md). Empty off CPU or when unsupported."""
+    return _on_cpu_if_supported({"xla_cpu_use_fusion_emitters": False})
 
 
 def llvm_o2() -> dict[str, int]:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._compile import classic_emitters, fast_jit
 from ._types import Array, Float, Scalar
 from .em.gradient import fit_gradient
 from .em.loop import FitResult, batch_objective
@@ -175,12 +176,14 @@ def _component_counts(model: FHMV, y, x, mask) -> Float[Array, "G K"]:
     return jnp.sum(batch_e_step(model, y, x, mask).components.counts, axis=0)
 
 
-@eqx.filter_jit
-def _hessian_products(theta, tangents: Float[Array, "C P"], model, layout, y, x, mask
-                      ) -> tuple[Float[Array, " P"], Float[Array, "C P"]]:
+def _gradient_and_products(theta, tangents: Float[Array, "C P"], model, layout, y, x, mask
+                           ) -> tuple[Float[Array, " P"], Float[Array, "C P"]]:
     """(the gradient, H v for every row v of ``tangents``) by forward-over-reverse."""
     gradient = jax.grad(lambda t: _total(t, model, layout, y, x, mask))
     return jax.vmap(lambda v: jax.jvp(gradient, (theta,), (v,)), out_axes=(None, 0))(tangents)
+
+
+_hessian_products = fast_jit(_gradient_and_products, options=classic_emitters)
 
 
 @eqx.filter_jit

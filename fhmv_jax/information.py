@@ -10,30 +10,38 @@ The emissions of regime g at step t depend on its parameters through a few numbe
 quadratic forms of ``mahalanobis_terms`` and the ``SharedTerms``: 8 for the default spec), so
 dE_t(h) = J_t(g)^T a_t(h) with J = dz / d theta_g (p forward passes over the quadratic forms, each moving one
 coordinate of every regime at once) and a = dE / dz, and the expected second derivatives follow by the chain
-rule. For the default spec (96 states, 804 emission coordinates) this replaces 804 Hessian-vector products of
+rule. Their part sum_t w_t . d^2 z_t (w = E[a]) is the Hessian of sum_t w_t . z_t, which the quadratic forms
+give from the weights' moments of the data (``FormMoments``): one small program after the pass, not one per
+block. For the default spec (96 states, 804 emission coordinates) this replaces 804 Hessian-vector products of
 the whole log-likelihood by one pass over the data and the forward recursion of the variance.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._types import Array, Float
+from ._compile import classic_emitters
+from ._types import Array, Float, Scalar
 from .inference import forward_backward
 from .inference.additive import BlockFactors, additive_covariance
 from .model.emissions import (
+    FormMoments,
     MahalanobisTerms,
     SharedTerms,
     StudentTMixture,
     component_log_densities,
+    form_moments,
     inverse_cholesky,
     log_sum_exp,
     mahalanobis_terms,
+    weighted_forms,
 )
 from .model.fhmv import FHMV, Emissions, sequence_inputs
 
@@ -125,11 +133,16 @@ def _parts(mixture: StudentTMixture, y: Float[Array, "L D"]) -> Float[Array, "L 
     return jnp.concatenate([local.reshape(L, G, -1), shared], axis=-1)
 
 
+def _num_forms(mixture: StudentTMixture) -> int:
+    """r, the quadratic forms of ``mahalanobis_terms`` per component."""
+    return 1 if mixture.scale_mask is None else 3
+
+
 def _log_densities_of_parts(mixture: StudentTMixture, z: Float[Array, " z"], log_scale: Float[Array, " V"],
                             inv_scale: Float[Array, " V"] | None) -> Float[Array, " V"]:
     """log p(y_t | g, v) for every v from z_t(g) (``_parts``): ``Emissions.log_densities`` of one (t, g)."""
     K = mixture.log_weights.shape[-1]
-    r = 1 if mixture.scale_mask is None else 3
+    r = _num_forms(mixture)
     local, shared = z[:K * r].reshape(K, r), z[K * r:].reshape(K, -1)
     forms = MahalanobisTerms(*(local[None, None, :, i] for i in range(r)), *(None,) * (3 - r))
     terms = SharedTerms(shared[None, :, 0], shared[None, :, 1], None if mixture.gaussian else shared[None, :, 2])
@@ -138,12 +151,23 @@ def _log_densities_of_parts(mixture: StudentTMixture, z: Float[Array, " z"], log
     return log_sum_exp(components.weighted_log_dens, axis=2)[0, 0]
 
 
+def _weighted_parts(mixture: StudentTMixture, moments: FormMoments, shared_weights: Float[Array, "G K c"],
+                    centres: Float[Array, "G K D"]) -> Scalar:
+    """sum_t sum_g w_t(g) . z_t(g) (``_parts``) from the block sums of ``_factors_and_curvature``, for any mixture."""
+    forms = weighted_forms(moments, centres, mixture.means, inverse_cholesky(mixture.cholesky()), mixture.scale_mask)
+    shared = jnp.stack([a for a in mixture.shared_terms() if a is not None], axis=-1)
+    return jnp.sum(forms) + jnp.sum(shared_weights * shared)
+
+
 def _factors_and_curvature(mixture: StudentTMixture, emissions: Emissions, tangents: StudentTMixture,
-                           coordinates: EmissionCoordinates, rows, gamma: Float[Array, "L G ..."]) -> BlockFactors:
-    """g_t(h) = dE_t(h) / d theta_g factored through z = ``_parts`` (J = dz / d theta_g, a = dE / dz), and as the
-    sums sum_t E[d^2 E_t(h_t)] [G, p, p] by the chain rule: d^2 E = J^T (d^2 E / dz^2) J + (dE / dz) . d^2 z."""
+                           rows, gamma: Float[Array, "L G ..."]) -> BlockFactors:
+    """g_t(h) = dE_t(h) / d theta_g factored through z = ``_parts`` (J = dz / d theta_g, a = dE / dz). The sums
+    are what sum_t E[d^2 E_t(h_t)] = sum_t E[J^T (d^2 E / dz^2) J + (dE / dz) . d^2 z] needs: its first term
+    [G, p, p], and for the second, which is d^2 / d theta^2 of sum_t w_t . z_t with w_t(g) = E[dE / dz | g], the
+    ``FormMoments`` of the quadratic forms' weights and [G, K, c] the summed weights of the ``SharedTerms``."""
     y, log_scale, inv_scale = emissions.scales(rows)
     L, G = gamma.shape[:2]
+    K = mixture.log_weights.shape[-1]
     log_scale = jnp.broadcast_to(log_scale, (L, log_scale.shape[-1]))
     inv_scale = None if inv_scale is None else jnp.broadcast_to(inv_scale, log_scale.shape)
     gamma = gamma.reshape(L, G, -1)
@@ -158,14 +182,11 @@ def _factors_and_curvature(mixture: StudentTMixture, emissions: Emissions, tange
     slopes, hessian = jax.vmap(over_regimes, in_axes=(0, 0, None if inv_scale is None else 0, 0))(
         z, log_scale, inv_scale, gamma)
     weights = jnp.einsum("lgv,lgvz->lgz", gamma, slopes)
-
-    def weighted_gradient(m):
-        return jax.grad(lambda m_: jnp.sum(weights * _parts(m_, y)))(m)
-
-    second = jax.vmap(lambda t: jax.jvp(weighted_gradient, (mixture,), (t,))[1])(tangents)
-    curvature = jnp.einsum("lgzj,lgzw,lgwi->gji", jacobian, hessian, jacobian) + jnp.moveaxis(
-        _gathered(second, coordinates), 0, 1)
-    return BlockFactors(jacobian, slopes.reshape((L,) + emissions.state_shape + slopes.shape[-1:]), curvature)
+    local, shared = jnp.split(weights, [_num_forms(mixture) * K], axis=-1)
+    curvature = jnp.einsum("lgzj,lgzw,lgwi->gji", jacobian, hessian, jacobian)
+    sums = (curvature, form_moments(y, local.reshape(L, G, K, -1), mixture.means),
+            jnp.sum(shared, axis=0).reshape(G, K, -1))
+    return BlockFactors(jacobian, slopes.reshape((L,) + emissions.state_shape + slopes.shape[-1:]), sums)
 
 
 def _sequence_emission_hessian(model: FHMV, coordinates: EmissionCoordinates, y, x, mask, block_steps: int
@@ -175,18 +196,28 @@ def _sequence_emission_hessian(model: FHMV, coordinates: EmissionCoordinates, y,
                                           mask, collect=lambda _, block: (block.previous, block.smoothed),
                                           keep_likelihoods=True).steps
     filtered = jnp.concatenate([previous[1:], jnp.zeros_like(previous[:1])])
-    tangents = _tangents(model.emission, coordinates)
+    mixture = model.emission
+    tangents = _tangents(mixture, coordinates)
 
     def functional(rows, gamma):
-        return _factors_and_curvature(model.emission, inputs.emissions, tangents, coordinates, rows, gamma)
+        return _factors_and_curvature(mixture, inputs.emissions, tangents, rows, gamma)
 
     result = additive_covariance(filtered, smoothed, inputs.transitions, inputs.rows, functional,
                                  num_coordinates=coordinates.size, block_steps=block_steps)
-    return result.covariance + jax.scipy.linalg.block_diag(*result.sums)
+    curvature, moments, shared_weights = result.sums
+    weighted_gradient = jax.grad(_weighted_parts)
+    second = jax.vmap(lambda t: jax.jvp(lambda m: weighted_gradient(m, moments, shared_weights, mixture.means),
+                                        (mixture,), (t,))[1])(tangents)
+    curvature = curvature + jnp.moveaxis(_gathered(second, coordinates), 0, 1)
+    return result.covariance + jax.scipy.linalg.block_diag(*curvature)
 
 
-_sequence_emission_hessian_jit = jax.jit(_sequence_emission_hessian, static_argnames=("coordinates", "block_steps"))
-"""``jax.jit``, whose calls return before the program has run (``eqx.filter_jit`` waits for it on CPU)."""
+@functools.cache
+def _sequence_emission_hessian_jit() -> Callable:
+    """``jax.jit`` (whose calls return before the program has run; ``eqx.filter_jit`` waits for it on CPU) with
+    ``classic_emitters``, built at the first call (the options depend on the backend)."""
+    return jax.jit(_sequence_emission_hessian, static_argnames=("coordinates", "block_steps"),
+                   compiler_options=classic_emitters())
 
 
 def emission_hessian(model: FHMV, coordinates: EmissionCoordinates, y: Float[Array, "B T D"],
@@ -196,6 +227,6 @@ def emission_hessian(model: FHMV, coordinates: EmissionCoordinates, y: Float[Arr
     all sequences of a checked batch together (dispatched, not waited for)."""
     total = 0.0
     for b in range(y.shape[0]):
-        total = total + _sequence_emission_hessian_jit(model, coordinates, y[b], None if x is None else x[b], mask[b],
+        total = total + _sequence_emission_hessian_jit()(model, coordinates, y[b], None if x is None else x[b], mask[b],
                                                        block_steps=block_steps)
     return total

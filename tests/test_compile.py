@@ -1,4 +1,5 @@
-"""The compiler settings of the jitted ECM step: probed, optional, and without effect on the numbers."""
+"""The compiler settings of the jitted ECM step (and the diagnostics): probed, optional, and without effect on
+the numbers."""
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,10 @@ def _fresh_options():
 def test_options_are_probed():
     assert jax.default_backend() == "cpu"
     assert "ELTWISE" in _fresh_options()[_compile._OPTION]
+
+
+def test_the_diagnostics_compile_with_the_classic_emitters():
+    assert _compile.classic_emitters() == {"xla_cpu_use_fusion_emitters": False}
 
 
 def test_an_option_this_jaxlib_rejects_is_left_out(monkeypatch):

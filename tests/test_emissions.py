@@ -38,6 +38,28 @@ def test_component_density_matches_scipy(rng, gaussian, mask, forms):
         np.testing.assert_allclose(got[t, g, k, v], want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mask", [None, (True, False, True, False)])
+def test_weighted_forms_from_moments_are_the_weighted_sums_of_the_forms(rng, mask):
+    """sum_t w_t(g, k, f) form_f(y_t) from the moments about other centres, at other means and factors, against
+    ||U^{-1} z_a||^2, <U^{-1} z_a, U^{-1} z_r>, ||U^{-1} z_r||^2 step by step (signed weights)."""
+    T, G, K, D = 9, 2, 3, 4
+    r = 1 if mask is None else 3
+    y, centres, means = rng.normal(size=(T, D)), rng.normal(size=(G, K, D)), rng.normal(size=(G, K, D))
+    weights = rng.normal(size=(T, G, K, r))
+    chol = np.tril(rng.normal(size=(G, K, D, D)), -1) + np.eye(D) * rng.uniform(0.5, 2, size=(G, K, 1, D))
+    inv_chol = np.linalg.inv(chol)
+    moments = emissions.form_moments(jnp.asarray(y), jnp.asarray(weights), jnp.asarray(centres))
+    got = emissions.weighted_forms(moments, jnp.asarray(centres), jnp.asarray(means), jnp.asarray(inv_chol), mask)
+    a = np.ones(D) if mask is None else np.asarray(mask, float)
+    want = np.zeros((G, K, r))
+    for t, g, k in np.ndindex(T, G, K):
+        z = y[t] - means[g, k]
+        scaled, rest = inv_chol[g, k] @ (a * z), inv_chol[g, k] @ ((1 - a) * z)
+        forms = [scaled @ scaled] if mask is None else [scaled @ scaled, scaled @ rest, rest @ rest]
+        want[g, k] += weights[t, g, k] * np.asarray(forms)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("name", list(TINY_SPECS))
 def test_joint_state_emissions_match_scipy(rng, name):
     """The full emission path (factor scales, leverage, mixture) against an independent build."""

@@ -45,12 +45,14 @@ def inverse_cholesky(chol: Float[Array, "... D D"]) -> Float[Array, "... D D"]:
     rows of X from i on still zero. Plain array operations instead of LAPACK's triangular solve, whose batched
     calls (e.g. under ``vmap`` of a Hessian-vector product) have deadlocked XLA's CPU thread pool."""
     num = chol.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(num, dtype=chol.dtype), chol.shape)
-    inverse = jnp.zeros_like(chol)
-    for i in range(num):
-        row = (eye[..., i, :] - jnp.einsum("...j,...jk->...k", chol[..., i, :], inverse)) / chol[..., i, i, None]
-        inverse = inverse.at[..., i, :].set(row)
-    return inverse
+    rows = jnp.moveaxis(chol, -2, 0)
+    eye = jnp.moveaxis(jnp.broadcast_to(jnp.eye(num, dtype=chol.dtype), chol.shape), -2, 0)
+
+    def step(inverse, i):
+        row = (eye[i] - jnp.einsum("...j,...jk->...k", rows[i], inverse)) / rows[i][..., i, None]
+        return inverse.at[..., i, :].set(row), None
+
+    return jax.lax.scan(step, jnp.zeros_like(chol), jnp.arange(num))[0]
 
 
 def mask_patterns(scale_mask: tuple[bool, ...] | None, num_features: int, dtype) -> Float[Array, "E D D"]:
@@ -116,6 +118,46 @@ def mahalanobis_terms(
     G, K, D = means.shape
     forms = _expanded_forms if 2 * D < G * K else _whitened_forms
     return forms(y, means, inv_chol, scale_mask)
+
+
+class FormMoments(NamedTuple):
+    """Weighted moments of the steps about fixed centres c_{g,k}, one set per quadratic form f of
+    ``MahalanobisTerms`` (in its order, r of them): they give sum_t w_t(g, k, f) form_f(y_t) for any mu and Sigma
+    (``weighted_forms``).
+
+    Attributes:
+        weights: [G, K, r] sum_t w_t.
+        first: [G, K, r, D] sum_t w_t (y_t - c).
+        second: [G, K, r, D, D] sum_t w_t (y_t - c)(y_t - c)^T.
+    """
+
+    weights: Float[Array, "G K r"]
+    first: Float[Array, "G K r D"]
+    second: Float[Array, "G K r D D"]
+
+
+def form_moments(y: Float[Array, "L D"], weights: Float[Array, "L G K r"], centres: Float[Array, "G K D"]
+                 ) -> FormMoments:
+    """The ``FormMoments`` of L steps with weights w_t(g, k, f)."""
+    residuals = y[:, None, None, :] - centres[None]
+    weighted = jnp.einsum("lgkf,lgkd->lgkfd", weights, residuals)
+    return FormMoments(jnp.sum(weights, axis=0), jnp.sum(weighted, axis=0),
+                       jnp.einsum("lgkfd,lgke->gkfde", weighted, residuals))
+
+
+def weighted_forms(moments: FormMoments, centres: Float[Array, "G K D"], means: Float[Array, "G K D"],
+                   inv_chol: Float[Array, "G K D D"], scale_mask: tuple[bool, ...] | None) -> Float[Array, "G K r"]:
+    """sum_t w_t(g, k, f) form_f(y_t) for the forms of ``mahalanobis_terms`` at ``means`` and U^{-1} = ``inv_chol``,
+    from the moments about ``centres``: with e = mu - c and Q_f the form's matrix,
+    tr(Q_f W2) - 2 e^T Q_f W1 + W0 e^T Q_f e."""
+    precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
+    offset = means - centres
+    patterns = mask_patterns(scale_mask, means.shape[-1], means.dtype)
+    halves = jnp.asarray([1.0, 0.5, 1.0][:patterns.shape[0]], means.dtype)
+    forms = halves[None, None, :, None, None] * precision[:, :, None] * patterns[None, None]
+    return (jnp.einsum("gkfde,gkfde->gkf", forms, moments.second)
+            - 2 * jnp.einsum("gkd,gkfde,gkfe->gkf", offset, forms, moments.first)
+            + moments.weights * jnp.einsum("gkd,gkfde,gke->gkf", offset, forms, offset))
 
 
 def scaled_mahalanobis(terms: MahalanobisTerms, log_scale: Float[Array, "T V"],
