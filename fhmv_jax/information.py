@@ -41,6 +41,7 @@ from .model.emissions import (
     inverse_cholesky,
     log_sum_exp,
     mahalanobis_terms,
+    num_forms,
     weighted_forms,
 )
 from .model.fhmv import FHMV, Emissions, sequence_inputs
@@ -122,27 +123,35 @@ def _gathered(arrays: StudentTMixture, coordinates: EmissionCoordinates) -> Floa
     return jnp.stack(columns, axis=-1)
 
 
-def _parts(mixture: StudentTMixture, y: Float[Array, "L D"]) -> Float[Array, "L G z"]:
+class MixtureParts(NamedTuple):
+    """What the emissions of every step depend on the mixture's parameters through: the means, U^{-1}, and the
+    ``SharedTerms`` stacked [G, K, c]."""
+
+    means: Float[Array, "G K D"]
+    inv_chol: Float[Array, "G K D D"]
+    shared: Float[Array, "G K c"]
+
+
+def _mixture_parts(mixture: StudentTMixture) -> MixtureParts:
+    return MixtureParts(mixture.means, inverse_cholesky(mixture.cholesky()),
+                        jnp.stack([a for a in mixture.shared_terms() if a is not None], axis=-1))
+
+
+def _parts(parts: MixtureParts, scale_mask: tuple[bool, ...] | None, y: Float[Array, "L D"]) -> Float[Array, "L G z"]:
     """z_t(g): every quantity the emissions of regime g at step t depend on its parameters through (per component:
     the quadratic forms of ``mahalanobis_terms`` and the ``SharedTerms``), packed [L, G, K (r + c)]."""
-    forms = mahalanobis_terms(y, mixture.means, inverse_cholesky(mixture.cholesky()), mixture.scale_mask)
+    forms = mahalanobis_terms(y, parts.means, parts.inv_chol, scale_mask)
     local = jnp.stack([a for a in forms if a is not None], axis=-1)
-    shared = jnp.stack([a for a in mixture.shared_terms() if a is not None], axis=-1)
     L, G = local.shape[:2]
-    shared = jnp.broadcast_to(shared.reshape(1, G, -1), (L, G, shared[0].size))
+    shared = jnp.broadcast_to(parts.shared.reshape(1, G, -1), (L, G, parts.shared[0].size))
     return jnp.concatenate([local.reshape(L, G, -1), shared], axis=-1)
-
-
-def _num_forms(mixture: StudentTMixture) -> int:
-    """r, the quadratic forms of ``mahalanobis_terms`` per component."""
-    return 1 if mixture.scale_mask is None else 3
 
 
 def _log_densities_of_parts(mixture: StudentTMixture, z: Float[Array, " z"], log_scale: Float[Array, " V"],
                             inv_scale: Float[Array, " V"] | None) -> Float[Array, " V"]:
     """log p(y_t | g, v) for every v from z_t(g) (``_parts``): ``Emissions.log_densities`` of one (t, g)."""
     K = mixture.log_weights.shape[-1]
-    r = _num_forms(mixture)
+    r = num_forms(mixture.scale_mask)
     local, shared = z[:K * r].reshape(K, r), z[K * r:].reshape(K, -1)
     forms = MahalanobisTerms(*(local[None, None, :, i] for i in range(r)), *(None,) * (3 - r))
     terms = SharedTerms(shared[None, :, 0], shared[None, :, 1], None if mixture.gaussian else shared[None, :, 2])
@@ -154,14 +163,15 @@ def _log_densities_of_parts(mixture: StudentTMixture, z: Float[Array, " z"], log
 def _weighted_parts(mixture: StudentTMixture, moments: FormMoments, shared_weights: Float[Array, "G K c"],
                     centres: Float[Array, "G K D"]) -> Scalar:
     """sum_t sum_g w_t(g) . z_t(g) (``_parts``) from the block sums of ``_factors_and_curvature``, for any mixture."""
-    forms = weighted_forms(moments, centres, mixture.means, inverse_cholesky(mixture.cholesky()), mixture.scale_mask)
-    shared = jnp.stack([a for a in mixture.shared_terms() if a is not None], axis=-1)
-    return jnp.sum(forms) + jnp.sum(shared_weights * shared)
+    parts = _mixture_parts(mixture)
+    forms = weighted_forms(moments, centres, parts.means, parts.inv_chol, mixture.scale_mask)
+    return jnp.sum(forms) + jnp.sum(shared_weights * parts.shared)
 
 
-def _factors_and_curvature(mixture: StudentTMixture, emissions: Emissions, tangents: StudentTMixture,
-                           rows, gamma: Float[Array, "L G ..."]) -> BlockFactors:
-    """g_t(h) = dE_t(h) / d theta_g factored through z = ``_parts`` (J = dz / d theta_g, a = dE / dz). The sums
+def _factors_and_curvature(mixture: StudentTMixture, emissions: Emissions, parts: MixtureParts,
+                           moving: MixtureParts, rows, gamma: Float[Array, "L G ..."]) -> BlockFactors:
+    """g_t(h) = dE_t(h) / d theta_g factored through z = ``_parts`` (J = dz / d theta_g from ``moving``, the
+    [p, ...] directional derivatives of the mixture's ``parts``; a = dE / dz). The sums
     are what sum_t E[d^2 E_t(h_t)] = sum_t E[J^T (d^2 E / dz^2) J + (dE / dz) . d^2 z] needs: its first term
     [G, p, p], and for the second, which is d^2 / d theta^2 of sum_t w_t . z_t with w_t(g) = E[dE / dz | g], the
     ``FormMoments`` of the quadratic forms' weights and [G, K, c] the summed weights of the ``SharedTerms``."""
@@ -171,7 +181,8 @@ def _factors_and_curvature(mixture: StudentTMixture, emissions: Emissions, tange
     log_scale = jnp.broadcast_to(log_scale, (L, log_scale.shape[-1]))
     inv_scale = None if inv_scale is None else jnp.broadcast_to(inv_scale, log_scale.shape)
     gamma = gamma.reshape(L, G, -1)
-    z, jacobian = jax.vmap(lambda t: jax.jvp(lambda m: _parts(m, y), (mixture,), (t,)), out_axes=(None, -1))(tangents)
+    z, jacobian = jax.vmap(lambda t: jax.jvp(lambda q: _parts(q, mixture.scale_mask, y), (parts,), (t,)),
+                           out_axes=(None, -1))(moving)
 
     def per_state(z_tg, log_scale_t, inv_scale_t, gamma_tg):
         def value(z_):
@@ -182,7 +193,7 @@ def _factors_and_curvature(mixture: StudentTMixture, emissions: Emissions, tange
     slopes, hessian = jax.vmap(over_regimes, in_axes=(0, 0, None if inv_scale is None else 0, 0))(
         z, log_scale, inv_scale, gamma)
     weights = jnp.einsum("lgv,lgvz->lgz", gamma, slopes)
-    local, shared = jnp.split(weights, [_num_forms(mixture) * K], axis=-1)
+    local, shared = jnp.split(weights, [num_forms(mixture.scale_mask) * K], axis=-1)
     curvature = jnp.einsum("lgzj,lgzw,lgwi->gji", jacobian, hessian, jacobian)
     sums = (curvature, form_moments(y, local.reshape(L, G, K, -1), mixture.means),
             jnp.sum(shared, axis=0).reshape(G, K, -1))
@@ -198,9 +209,10 @@ def _sequence_emission_hessian(model: FHMV, coordinates: EmissionCoordinates, y,
     filtered = jnp.concatenate([previous[1:], jnp.zeros_like(previous[:1])])
     mixture = model.emission
     tangents = _tangents(mixture, coordinates)
+    parts, moving = jax.vmap(lambda t: jax.jvp(_mixture_parts, (mixture,), (t,)), out_axes=(None, 0))(tangents)
 
     def functional(rows, gamma):
-        return _factors_and_curvature(mixture, inputs.emissions, tangents, rows, gamma)
+        return _factors_and_curvature(mixture, inputs.emissions, parts, moving, rows, gamma)
 
     result = additive_covariance(filtered, smoothed, inputs.transitions, inputs.rows, functional,
                                  num_coordinates=coordinates.size, block_steps=block_steps)

@@ -67,6 +67,22 @@ def mask_patterns(scale_mask: tuple[bool, ...] | None, num_features: int, dtype)
     return jnp.stack([jnp.outer(a, a), jnp.outer(a, b) + jnp.outer(b, a), jnp.outer(b, b)])
 
 
+def num_forms(scale_mask: tuple[bool, ...] | None) -> int:
+    """r, the quadratic forms of ``MahalanobisTerms`` that a scale mask uses (``scaled``; with a mask also ``cross``
+    and ``rest``)."""
+    return 1 if scale_mask is None else 3
+
+
+def form_matrices(inv_chol: Float[Array, "G K D D"], scale_mask: tuple[bool, ...] | None
+                  ) -> Float[Array, "r G K D D"]:
+    """Q_f with form_f(y) = (y - mu)^T Q_f (y - mu) for the forms of ``MahalanobisTerms`` in its order: the
+    precision U^{-T} U^{-1} masked by ``mask_patterns`` (halved for ``cross``)."""
+    precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
+    patterns = mask_patterns(scale_mask, inv_chol.shape[-1], inv_chol.dtype)
+    halves = jnp.asarray([1.0, 0.5, 1.0][:num_forms(scale_mask)], inv_chol.dtype)
+    return halves[:, None, None, None, None] * precision[None] * patterns[:, None, None]
+
+
 def _whitened_forms(y, means, inv_chol, scale_mask) -> MahalanobisTerms:
     """Via whitened residuals U^{-1}(y - mu): stores a [T, G, K, D] array; cheap when G K is small."""
 
@@ -88,20 +104,18 @@ def _expanded_forms(y, means, inv_chol, scale_mask) -> MahalanobisTerms:
     product with the data's [T, D * D] outer products, never a [T, G, K, D] array; cheap when G K > 2 D."""
     T, D = y.shape
     G, K = means.shape[:2]
-    precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
     reference = jnp.mean(means, axis=(0, 1))
     y_ref, mu_ref = y - reference[None, :], means - reference[None, None, :]
     outer = (y_ref[:, :, None] * y_ref[:, None, :]).reshape(T, D * D)
     forms = []
-    for pattern in mask_patterns(scale_mask, D, y.dtype):
-        q = precision * pattern[None, None]
+    for q in form_matrices(inv_chol, scale_mask):
         q_mu = jnp.einsum("gkde,gke->gkd", q, mu_ref)
         quadratic = outer @ q.reshape(G * K, D * D).T - 2 * y_ref @ q_mu.reshape(G * K, D).T
         constant = jnp.einsum("gkd,gkd->gk", q_mu, mu_ref).reshape(1, G * K)
         forms.append((quadratic + constant).reshape(T, G, K))
     if scale_mask is None:
         return MahalanobisTerms(jnp.maximum(forms[0], 0.0), None, None)
-    return MahalanobisTerms(jnp.maximum(forms[0], 0.0), 0.5 * forms[1], jnp.maximum(forms[2], 0.0))
+    return MahalanobisTerms(jnp.maximum(forms[0], 0.0), forms[1], jnp.maximum(forms[2], 0.0))
 
 
 def mahalanobis_terms(
@@ -150,11 +164,8 @@ def weighted_forms(moments: FormMoments, centres: Float[Array, "G K D"], means: 
     """sum_t w_t(g, k, f) form_f(y_t) for the forms of ``mahalanobis_terms`` at ``means`` and U^{-1} = ``inv_chol``,
     from the moments about ``centres``: with e = mu - c and Q_f the form's matrix,
     tr(Q_f W2) - 2 e^T Q_f W1 + W0 e^T Q_f e."""
-    precision = jnp.einsum("gkdi,gkdj->gkij", inv_chol, inv_chol)
     offset = means - centres
-    patterns = mask_patterns(scale_mask, means.shape[-1], means.dtype)
-    halves = jnp.asarray([1.0, 0.5, 1.0][:patterns.shape[0]], means.dtype)
-    forms = halves[None, None, :, None, None] * precision[:, :, None] * patterns[None, None]
+    forms = jnp.moveaxis(form_matrices(inv_chol, scale_mask), 0, 2)
     return (jnp.einsum("gkfde,gkfde->gkf", forms, moments.second)
             - 2 * jnp.einsum("gkd,gkfde,gkfe->gkf", offset, forms, moments.first)
             + moments.weights * jnp.einsum("gkd,gkfde,gke->gkf", offset, forms, offset))
