@@ -13,7 +13,9 @@ from scipy import stats
 import fhmv_jax
 from fhmv_jax import FHMV, ModelSpec, fit_em, init_model
 from fhmv_jax.em import loop as loop_module
+from fhmv_jax.em.convergence import _score, check_score
 from fhmv_jax.em.fit import ConvergenceWarning
+from fhmv_jax.em.m_step import CovariancePrior
 from fhmv_jax.em.stats import LeverageStats
 from fhmv_jax.model.inputs import check_sequences
 
@@ -55,6 +57,49 @@ def test_log_likelihood_never_decreases(rng, name, data):
             np.testing.assert_array_equal(result.objectives, result.log_likelihoods)
         for value in jax.tree.leaves(result.model.natural_parameters()):
             assert np.all(np.isfinite(value))
+
+
+@pytest.mark.parametrize("name", ["markov", "family-mask-gaussian"])
+def test_the_predicted_gain_is_the_newton_gain_of_the_curvature(rng, name):
+    """``check_score``'s remaining gain (forward differences along its directions: all 48 coordinates of the
+    markov spec, one per array of family-mask-gaussian's 66) is 0.5 g^T (-D H D^T)^+ D g / n, with the Hessian
+    H from central differences of the exact gradient along every coordinate (error O(h^2), h = 1e-4)."""
+    spec = TINY_SPECS[name]
+    truth = FHMV.from_natural_parameters(spec, **random_natural(spec, rng, separation=2.0))
+    y, x = _ragged_batch(spec, rng, truth, "sampled")
+    with pytest.warns(ConvergenceWarning):
+        fit = fit_em(init_model(jax.random.key(1), spec, y, x, lengths=LENGTHS), y, x, lengths=LENGTHS,
+                     max_iters=40, tol=0.0)
+    yb, xb, mask = check_sequences(spec, y, x, LENGTHS)
+    prior = CovariancePrior(jnp.asarray(1e-2), jnp.asarray(1e-2))
+    check = check_score(fit.model, yb, xb, mask, prior)
+    raw = fit.model.raw_arrays()
+    names = list(check.score)
+    sizes = [int(np.size(raw[k])) for k in names]
+
+    def gradient(flat):
+        pieces = dict(zip(names, np.split(flat, np.cumsum(sizes)[:-1]), strict=True))
+        point = raw | {k: jnp.asarray(pieces[k].reshape(np.shape(raw[k]))) for k in names}
+        score = _score(point, spec, yb, xb, mask, prior, None)
+        return np.concatenate([np.ravel(score[k]) for k in names])
+
+    at = np.concatenate([np.ravel(raw[k]) for k in names])
+    g, h = gradient(at), 1e-4
+    hessian = np.stack([(gradient(at + h * e) - gradient(at - h * e)) / (2 * h) for e in np.eye(at.size)])
+    if at.size <= 64:
+        directions = np.eye(at.size)[g != 0]
+    else:
+        parts = [np.where(np.repeat(np.arange(len(names)), sizes) == i, g, 0.0) for i in range(len(names))]
+        directions = np.stack([p / np.linalg.norm(p) for p in parts if np.any(p)])
+    assert len(directions) == (43 if name == "markov" else 13)
+    curvature = -directions @ (0.5 * (hessian + hessian.T)) @ directions.T
+    eigvals = np.linalg.eigvalsh(curvature)
+    assert eigvals[0] > -1e-8 * eigvals[-1], "the fit is not a maximum along these directions"
+    slopes = directions @ g
+    exact = 0.5 * slopes @ np.linalg.lstsq(curvature, slopes, rcond=1e-10)[0] / int(mask.sum())
+    assert exact > 1e-8, "a gain of rounding size would make the comparison empty"
+    np.testing.assert_allclose(check.remaining_gain, exact, rtol=1e-3)
+    np.testing.assert_allclose(check.norm, np.linalg.norm(g), rtol=1e-12)
 
 
 def _t_spec():

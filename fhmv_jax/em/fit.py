@@ -189,21 +189,23 @@ def check_precision(model: FHMV, y, x=None) -> None:
 
 
 _CONTINUATION_ITERS = 25
-_CONTINUATION_TOL = 1e-2
 
 
 def _to_maximum(fit: FitResult, run: Callable, y, x, mask, prior, tol: float, max_iters: int, callback,
                 options: dict) -> FitResult:
-    """Where the tolerance was met but ``check_score`` predicts a larger gain, continue EM (tolerance
-    ``tol / 100``) in rounds of 25 steps until the predicted gain is within ``tol``, for at most ``max_iters``
-    more steps; fill in the score; ``converged`` needs the tolerance met, no stall and that gain within tol.
-    ``options``: the objective's (``check_score``'s keyword arguments)."""
+    """Where the tolerance was met but ``check_score`` predicts a larger gain, continue EM in rounds of 25 steps
+    (each stopped early only by a step that gains nothing) until the predicted gain is within ``tol``, for at
+    most ``max_iters`` more steps; fill in the score; ``converged`` needs the tolerance met, no stall and that
+    gain within tol. ``options``: the objective's (``check_score``'s keyword arguments).
+
+    Where EM crawls, a step gains far less than the Newton step predicts, so a round stopped by a tolerance
+    on the step's gain would end after a step or two, before SQUAREM's first extrapolation, and the check
+    after it would cost more than the steps."""
     tol_met = fit.converged
     check = check_score(fit.model, y, x, mask, prior, **options)
     budget = max_iters
     while tol_met and check.remaining_gain > tol and budget > 0:
-        rest = run(fit.model, max_iters=min(budget, _CONTINUATION_ITERS), callback=callback,
-                   tol=tol * _CONTINUATION_TOL)
+        rest = run(fit.model, max_iters=min(budget, _CONTINUATION_ITERS), callback=callback, tol=0.0)
         budget -= rest.num_iters
         fit = rest._replace(
             log_likelihoods=np.concatenate([fit.log_likelihoods, rest.log_likelihoods[1:]]),
