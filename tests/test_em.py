@@ -71,8 +71,8 @@ def test_the_predicted_gain_is_the_newton_gain_of_the_curvature(rng, name):
         fit = fit_em(init_model(jax.random.key(1), spec, y, x, lengths=LENGTHS), y, x, lengths=LENGTHS,
                      max_iters=40, tol=0.0)
     yb, xb, mask = check_sequences(spec, y, x, LENGTHS)
-    prior = CovariancePrior(jnp.asarray(1e-2), jnp.asarray(1e-2))
-    check = check_score(fit.model, yb, xb, mask, prior)
+    prior = CovariancePrior(jnp.asarray(1e-2, jnp.float64), jnp.asarray(1e-2, jnp.float64))  # as fit_em makes it
+    check = check_score(fit.model, yb, xb, mask, prior, method="auto")  # fit_em's call: its compiled program
     raw = fit.model.raw_arrays()
     names = list(check.score)
     sizes = [int(np.size(raw[k])) for k in names]
@@ -80,7 +80,7 @@ def test_the_predicted_gain_is_the_newton_gain_of_the_curvature(rng, name):
     def gradient(flat):
         pieces = dict(zip(names, np.split(flat, np.cumsum(sizes)[:-1]), strict=True))
         point = raw | {k: jnp.asarray(pieces[k].reshape(np.shape(raw[k]))) for k in names}
-        score = _score(point, spec, yb, xb, mask, prior, None)
+        score = _score(point, spec, yb, xb, mask, prior, None, "auto", None, None)
         return np.concatenate([np.ravel(score[k]) for k in names])
 
     at = np.concatenate([np.ravel(raw[k]) for k in names])
@@ -197,12 +197,16 @@ def test_em_step_traces_once(rng, monkeypatch):
     assert eqx.debug.get_num_traces(traced) == 1
 
 
+RESTART_SPEC = ModelSpec(num_features=2, num_regimes=3, num_chains=1, leverage="none")
+
+
 def test_empty_regime_fits_without_nan(rng):
-    spec = ModelSpec(num_features=2, num_regimes=4, num_chains=1, leverage="none")
-    y = np.concatenate([rng.normal(size=(300, 2)) * 0.1, rng.normal(size=(300, 2)) * 0.1 + 5])
+    """A regime far from every observation; the spec and length of ``test_restarts_keep_the_best`` (same programs)."""
+    spec = RESTART_SPEC
+    y = np.concatenate([rng.normal(size=(150, 2)) * 0.1, rng.normal(size=(150, 2)) * 0.1 + 5])
     model = init_model(jax.random.key(0), spec, y)
     natural = {k: np.array(v) for k, v in model.natural_parameters().items()}
-    natural["means"][2:] = 50.0  # two regimes far from every observation
+    natural["means"][2] = 50.0
     result = fit_em(FHMV.from_natural_parameters(spec, **natural), y, max_iters=10)
     for value in jax.tree.leaves(result.model.natural_parameters()):
         assert np.all(np.isfinite(value))
@@ -228,7 +232,7 @@ def test_a_decreasing_step_raises(rng, monkeypatch):
 
 
 def test_restarts_keep_the_best(rng):
-    spec = ModelSpec(num_features=2, num_regimes=3, num_chains=1, leverage="none")
+    spec = RESTART_SPEC
     truth = FHMV.from_natural_parameters(spec, **random_natural(spec, rng, separation=3.0))
     y = np.asarray(truth.sample(jax.random.key(0), 300).observations)
     start = init_model(jax.random.key(1), spec, y)
@@ -242,16 +246,17 @@ def test_restarts_keep_the_best(rng):
 
 
 def test_progress_lines_and_silence(rng, capsys):
-    spec = ModelSpec(num_features=2, num_regimes=2, num_chains=0, num_jump_states=1, leverage="none")
-    y = rng.normal(size=(50, 2))
-    start = init_model(jax.random.key(0), spec, y)
-    fit_em(start, y, max_iters=2, tol=0.0)
+    """On the monotonicity checks' ragged batch of the tiny ``none`` spec (their programs)."""
+    spec = TINY_SPECS["none"]
+    y, _ = _ragged_batch(spec, rng, None, "random")
+    start = init_model(jax.random.key(1), spec, y, None, lengths=LENGTHS)
+    fit_em(start, y, lengths=LENGTHS, max_iters=2, tol=0.0)
     assert capsys.readouterr().out == ""
-    fit_em(start, y, max_iters=2, tol=0.0, verbose=True)
+    fit_em(start, y, lengths=LENGTHS, max_iters=2, tol=0.0, verbose=True)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and "log-lik" in lines[1] and "gain/step" in lines[1]
     seen = []
-    fit_em(start, y, max_iters=2, tol=0.0, callback=seen.append)
+    fit_em(start, y, lengths=LENGTHS, max_iters=2, tol=0.0, callback=seen.append)
     assert [i.iteration for i in seen] == [0, 1, 2] and capsys.readouterr().out == ""
 
 

@@ -21,7 +21,6 @@ All specs have one regime and one component, so every coordinate is identified (
 the regime-level machinery is the same for every G and is checked against brute force elsewhere.
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +30,7 @@ import scipy.stats
 
 from fhmv_jax import FHMV, ModelSpec, fit_em, init_model
 from fhmv_jax.em.convergence import _score
-from fhmv_jax.em.loop import batch_objective
+from fhmv_jax.em.loop import _objective_single
 from fhmv_jax.em.m_step import CovariancePrior
 from fhmv_jax.model.inputs import check_sequences
 
@@ -68,7 +67,8 @@ CASES = {
     ),
 }
 NUM_STEPS = 3000
-_OBJECTIVE = eqx.filter_jit(batch_objective)
+FIT_OPTIONS = (None, "auto", None, None)
+"""The objective's options (block_steps, method, batch_chunk, mesh) as ``fit_em`` passes them: its programs."""
 
 
 def _truth(spec: ModelSpec, values: dict) -> FHMV:
@@ -92,12 +92,12 @@ def _objective_and_score(spec, y, x, mask, prior, fixed_raw, names, shapes):
         return arrays
 
     def flat_score(raw):
-        score = _score(raw, spec, y, x, mask, prior, None)
+        score = _score(raw, spec, y, x, mask, prior, *FIT_OPTIONS)
         return np.concatenate([np.ravel(score[n]) for n in names])
 
     def value_and_score(flat):
         raw = unflatten(flat)
-        info = _OBJECTIVE(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior)
+        info = _objective_single(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, *FIT_OPTIONS)
         return float(info.log_likelihood + info.log_prior), flat_score(raw)
 
     return value_and_score, lambda flat: flat_score(unflatten(flat))
