@@ -206,3 +206,8 @@ def path_log_prob(spec, natural, y, x, path) -> float:
     for t in range(1, len(path)):
         total += log_P[t, path[t - 1], path[t]] + log_b[t, path[t]]
     return float(total)
+
+
+FIT_OPTIONS = {"block_steps": None, "method": "auto", "batch_chunk": None, "mesh": None}
+"""The objective's options as ``fit_em`` passes them to ``check_score``'s gradient and to its evaluation: called
+with these, a test reuses the fit's compiled programs."""

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_SPECS
-from helpers import random_natural
+from helpers import FIT_OPTIONS, random_natural
 from hmmlearn.hmm import GMMHMM
 from scipy import stats
 
@@ -72,7 +72,7 @@ def test_the_predicted_gain_is_the_newton_gain_of_the_curvature(rng, name):
                      max_iters=40, tol=0.0)
     yb, xb, mask = check_sequences(spec, y, x, LENGTHS)
     prior = CovariancePrior(jnp.asarray(1e-2, jnp.float64), jnp.asarray(1e-2, jnp.float64))  # as fit_em makes it
-    check = check_score(fit.model, yb, xb, mask, prior, method="auto")  # fit_em's call: its compiled program
+    check = check_score(fit.model, yb, xb, mask, prior, **FIT_OPTIONS)
     raw = fit.model.raw_arrays()
     names = list(check.score)
     sizes = [int(np.size(raw[k])) for k in names]
@@ -80,7 +80,7 @@ def test_the_predicted_gain_is_the_newton_gain_of_the_curvature(rng, name):
     def gradient(flat):
         pieces = dict(zip(names, np.split(flat, np.cumsum(sizes)[:-1]), strict=True))
         point = raw | {k: jnp.asarray(pieces[k].reshape(np.shape(raw[k]))) for k in names}
-        score = _score(point, spec, yb, xb, mask, prior, None, "auto", None, None)
+        score = _score(point, spec, yb, xb, mask, prior, *FIT_OPTIONS.values())
         return np.concatenate([np.ravel(score[k]) for k in names])
 
     at = np.concatenate([np.ravel(raw[k]) for k in names])

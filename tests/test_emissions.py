@@ -43,7 +43,7 @@ def test_weighted_forms_from_moments_are_the_weighted_sums_of_the_forms(rng, mas
     """sum_t w_t(g, k, f) form_f(y_t) from the moments about other centres, at other means and factors, against
     ||U^{-1} z_a||^2, <U^{-1} z_a, U^{-1} z_r>, ||U^{-1} z_r||^2 step by step (signed weights)."""
     T, G, K, D = 9, 2, 3, 4
-    r = 1 if mask is None else 3
+    r = emissions.num_forms(mask)
     y, centres, means = rng.normal(size=(T, D)), rng.normal(size=(G, K, D)), rng.normal(size=(G, K, D))
     weights = rng.normal(size=(T, G, K, r))
     chol = np.tril(rng.normal(size=(G, K, D, D)), -1) + np.eye(D) * rng.uniform(0.5, 2, size=(G, K, 1, D))

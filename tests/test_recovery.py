@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import scipy.stats
+from helpers import FIT_OPTIONS
 
 from fhmv_jax import FHMV, ModelSpec, fit_em, init_model
 from fhmv_jax.em.convergence import _score
@@ -67,8 +68,6 @@ CASES = {
     ),
 }
 NUM_STEPS = 3000
-FIT_OPTIONS = (None, "auto", None, None)
-"""The objective's options (block_steps, method, batch_chunk, mesh) as ``fit_em`` passes them: its programs."""
 
 
 def _truth(spec: ModelSpec, values: dict) -> FHMV:
@@ -92,12 +91,12 @@ def _objective_and_score(spec, y, x, mask, prior, fixed_raw, names, shapes):
         return arrays
 
     def flat_score(raw):
-        score = _score(raw, spec, y, x, mask, prior, *FIT_OPTIONS)
+        score = _score(raw, spec, y, x, mask, prior, *FIT_OPTIONS.values())
         return np.concatenate([np.ravel(score[n]) for n in names])
 
     def value_and_score(flat):
         raw = unflatten(flat)
-        info = _objective_single(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, *FIT_OPTIONS)
+        info = _objective_single(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, *FIT_OPTIONS.values())
         return float(info.log_likelihood + info.log_prior), flat_score(raw)
 
     return value_and_score, lambda flat: flat_score(unflatten(flat))

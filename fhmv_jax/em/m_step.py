@@ -28,7 +28,7 @@ from jax.scipy.special import digamma, xlogy
 
 from .._types import Array, Bool, Float
 from ..model import emissions
-from ..model.emissions import StudentTMixture
+from ..model.emissions import StudentTMixture, moments_about
 from ..model.factors import JumpChain, MarkovLeverage, PersistenceChains, RegimeChain, jump_stationary_law
 from ..model.fhmv import FHMV, initial_shocks, volatility_log_scales
 from ..model.params import logit, safe_log
@@ -38,7 +38,6 @@ from .stats import (
     SequenceStats,
     StateMoments,
     StepMoments,
-    moments_about,
     scale_exponents,
 )
 

@@ -17,7 +17,7 @@ from jax.scipy.special import digamma
 from .._types import Array, Bool, Float, Scalar
 from ..inference import BlockPosterior, forward_backward
 from ..inference.smoother import axes_by_kind
-from ..model.emissions import BlockTerms, StudentTMixture
+from ..model.emissions import BlockTerms, StudentTMixture, moments_about
 from ..model.fhmv import FHMV, sequence_inputs
 
 
@@ -214,21 +214,6 @@ def component_sums(
         second=jnp.einsum("tgkw,tdf->wgkdf", omega, outer),
         state_counts=jnp.sum(gamma, axis=(0, 1)),
     )
-
-
-def moments_about(
-    weights: Array, first: Array, second: Array, offset: Float[Array, "G K D"]
-) -> tuple[Array, Array, Array]:
-    """Moments [W, G, K, ...] about a reference point re-expressed about reference + ``offset`` [G, K, D]."""
-    offset = offset[None]
-    first_about = first - weights[..., None] * offset
-    second_about = (
-        second
-        - first[..., :, None] * offset[..., None, :]
-        - offset[..., :, None] * first[..., None, :]
-        + weights[..., None, None] * offset[..., :, None] * offset[..., None, :]
-    )
-    return weights, first_about, second_about
 
 
 def _factor_marginals(joint: Array) -> tuple[Array, ...]:

@@ -134,41 +134,53 @@ def mahalanobis_terms(
     return forms(y, means, inv_chol, scale_mask)
 
 
+def moments_about(
+    weights: Array, first: Array, second: Array, offset: Float[Array, "G K D"]
+) -> tuple[Array, Array, Array]:
+    """Moments [W, G, K, ...] about a reference point re-expressed about reference + ``offset`` [G, K, D]."""
+    offset = offset[None]
+    first_about = first - weights[..., None] * offset
+    second_about = (
+        second
+        - first[..., :, None] * offset[..., None, :]
+        - offset[..., :, None] * first[..., None, :]
+        + weights[..., None, None] * offset[..., :, None] * offset[..., None, :]
+    )
+    return weights, first_about, second_about
+
+
 class FormMoments(NamedTuple):
     """Weighted moments of the steps about fixed centres c_{g,k}, one set per quadratic form f of
     ``MahalanobisTerms`` (in its order, r of them): they give sum_t w_t(g, k, f) form_f(y_t) for any mu and Sigma
     (``weighted_forms``).
 
     Attributes:
-        weights: [G, K, r] sum_t w_t.
-        first: [G, K, r, D] sum_t w_t (y_t - c).
-        second: [G, K, r, D, D] sum_t w_t (y_t - c)(y_t - c)^T.
+        weights: [r, G, K] sum_t w_t.
+        first: [r, G, K, D] sum_t w_t (y_t - c).
+        second: [r, G, K, D, D] sum_t w_t (y_t - c)(y_t - c)^T.
     """
 
-    weights: Float[Array, "G K r"]
-    first: Float[Array, "G K r D"]
-    second: Float[Array, "G K r D D"]
+    weights: Float[Array, "r G K"]
+    first: Float[Array, "r G K D"]
+    second: Float[Array, "r G K D D"]
 
 
 def form_moments(y: Float[Array, "L D"], weights: Float[Array, "L G K r"], centres: Float[Array, "G K D"]
                  ) -> FormMoments:
     """The ``FormMoments`` of L steps with weights w_t(g, k, f)."""
     residuals = y[:, None, None, :] - centres[None]
-    weighted = jnp.einsum("lgkf,lgkd->lgkfd", weights, residuals)
-    return FormMoments(jnp.sum(weights, axis=0), jnp.sum(weighted, axis=0),
-                       jnp.einsum("lgkfd,lgke->gkfde", weighted, residuals))
+    weighted = jnp.einsum("lgkf,lgkd->fgkld", weights, residuals)
+    return FormMoments(jnp.einsum("lgkf->fgk", weights), jnp.sum(weighted, axis=3),
+                       jnp.einsum("fgkld,lgke->fgkde", weighted, residuals))
 
 
 def weighted_forms(moments: FormMoments, centres: Float[Array, "G K D"], means: Float[Array, "G K D"],
                    inv_chol: Float[Array, "G K D D"], scale_mask: tuple[bool, ...] | None) -> Float[Array, "G K r"]:
     """sum_t w_t(g, k, f) form_f(y_t) for the forms of ``mahalanobis_terms`` at ``means`` and U^{-1} = ``inv_chol``,
-    from the moments about ``centres``: with e = mu - c and Q_f the form's matrix,
-    tr(Q_f W2) - 2 e^T Q_f W1 + W0 e^T Q_f e."""
-    offset = means - centres
-    forms = jnp.moveaxis(form_matrices(inv_chol, scale_mask), 0, 2)
-    return (jnp.einsum("gkfde,gkfde->gkf", forms, moments.second)
-            - 2 * jnp.einsum("gkd,gkfde,gkfe->gkf", offset, forms, moments.first)
-            + moments.weights * jnp.einsum("gkd,gkfde,gke->gkf", offset, forms, offset))
+    from the moments about ``centres``: tr(Q_f W2'), Q_f the form's matrix and W2' the moments about the means
+    (``moments_about``)."""
+    second = moments_about(*moments, means - centres)[2]
+    return jnp.einsum("fgkde,fgkde->gkf", form_matrices(inv_chol, scale_mask), second)
 
 
 def scaled_mahalanobis(terms: MahalanobisTerms, log_scale: Float[Array, "T V"],
