@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._version import __version__
 from .model.fhmv import FHMV, raw_layout
+from .model.params import as_array
 from .model.spec import ModelSpec
 
 MAGIC = b"FHMVJAX\x00"
@@ -334,7 +334,7 @@ def load(path: str | os.PathLike) -> SavedModel:
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{path} has metadata that is not a JSON object")
     try:
-        model = FHMV.from_raw_arrays(spec, {k: None if a is None else jnp.asarray(a) for k, a in arrays.items()})
+        model = FHMV.from_raw_arrays(spec, {k: as_array(a) for k, a in arrays.items()})
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{path}: the parameters do not fit the saved spec ({error})") from None
     return SavedModel(model, metadata, str(header.get("library_version")), version)

@@ -78,7 +78,8 @@ def _directions(score: dict[str, Array], names: list[str]) -> list[dict[str, Arr
                 unit[i] = 1.0
                 directions.append({k: unit.reshape(np.shape(score[k]))})
         return directions
-    return [{k: score[k] / jnp.sqrt(jnp.sum(score[k] ** 2))} for k in names if float(jnp.sum(score[k] ** 2)) > 0]
+    parts = {k: np.asarray(score[k]) for k in names}
+    return [{k: part / np.sqrt(np.sum(part**2))} for k, part in parts.items() if np.sum(part**2) > 0]
 
 
 def _flatten(arrays: dict[str, Array], names: list[str]) -> np.ndarray:
@@ -119,7 +120,7 @@ def check_score(model: FHMV, y: Array, x: Array | None, mask: Array, prior: Cova
     basis = np.stack([_flatten(zeros | d, names) for d in directions]) if directions else np.zeros((0, 0))
     columns = []
     for direction in directions:
-        moved = gradient({k: raw[k] + h * direction[k] if k in direction else raw[k] for k in raw})
+        moved = gradient({k: np.asarray(raw[k]) + h * direction[k] if k in direction else raw[k] for k in raw})
         columns.append(basis @ (_flatten(moved, names) - flat_score) / h)
     remaining = 0.0
     if directions:

@@ -16,6 +16,7 @@ from .._types import Array, Float, PRNGKeyArray
 from ..inference import check_method
 from ..model.fhmv import FHMV
 from ..model.inputs import check_sequences
+from ..model.params import as_array
 from ..precision import warn_if_float32_on_cpu
 from .convergence import check_score
 from .init import init_model
@@ -138,7 +139,7 @@ def fit_em(
     if mesh is not None:
         check_mesh(mesh, y.shape[0])
     warn_if_float32_on_cpu(dtype, "fit_em")
-    prior = CovariancePrior(jnp.asarray(covariance_ridge, dtype), jnp.asarray(covariance_prior_count, dtype))
+    prior = CovariancePrior(as_array(covariance_ridge, dtype), as_array(covariance_prior_count, dtype))
     if callback is None and verbose:
         callback = print_progress
     if num_restarts > 1:

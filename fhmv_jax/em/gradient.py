@@ -22,6 +22,7 @@ import optax
 from .._types import Array, PRNGKeyArray, Scalar
 from ..model.fhmv import FHMV
 from ..model.inputs import check_sequences
+from ..model.params import as_array
 from ..precision import warn_if_float32_on_cpu
 from .convergence import check_score
 from .loop import FitResult, IterationInfo, StepInfo, batch_objective, print_progress
@@ -156,7 +157,7 @@ def fit_gradient(
             raise ValueError(f"hold: {name!r} is not a free array of shape {np.shape(flags)} (free arrays:"
                              f" { {k: v.shape for k, v in free.items()} })")
     dtype = model.dtype
-    prior = CovariancePrior(jnp.asarray(covariance_ridge, dtype), jnp.asarray(covariance_prior_count, dtype))
+    prior = CovariancePrior(as_array(covariance_ridge, dtype), as_array(covariance_prior_count, dtype))
     n = jnp.asarray(mask.sum(), dtype)
     optimizer = default_optimizer(batch_size is not None) if optimizer is None else optimizer
     callback = print_progress if callback is None and verbose else callback

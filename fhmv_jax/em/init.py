@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._types import Array, PRNGKeyArray
+from .._types import Array, PRNGKeyArray, Scalar
 from ..model.fhmv import FHMV, block_classes, initial_law, smoother, volatility_log_scales
 from ..model.inputs import check_sequences
+from ..model.params import as_array
 from ..model.spec import ModelSpec
 from .loop import run_em, stack_models
 from .m_step import CovariancePrior
@@ -71,6 +72,7 @@ def _kmeans_runs(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: i
     return assignments, inertia
 
 
+@eqx.filter_jit
 def _kmeans_regimes(key: PRNGKeyArray, points: Array, spec: ModelSpec, num_seeds: int) -> Array:
     """[n] regime of every point: the best (least inertia) of ``num_seeds`` k-means runs."""
     assignments, inertia = _kmeans_runs(key, points, spec, num_seeds)
@@ -103,6 +105,7 @@ def _hmm_regimes(key: PRNGKeyArray, spec: ModelSpec, y: Array, mask: Array, poin
     return _smoothed_regimes(fit.model, y, mask)[mask]
 
 
+@eqx.filter_jit
 def _component_clusters(key: PRNGKeyArray, points: Array, spec: ModelSpec, regime_of: Array):
     """K k-means sub-clusters within every regime; a regime without points takes all points.
 
@@ -119,10 +122,11 @@ def _component_clusters(key: PRNGKeyArray, points: Array, spec: ModelSpec, regim
     return jax.vmap(_within)(jax.random.split(key, spec.num_regimes), membership)
 
 
-def _mean_scale(model: FHMV) -> float:
+@eqx.filter_jit
+def _mean_scale(model: FHMV) -> Scalar:
     """E[s] under the law of h_1 (chains uniform, jump stationary, Markov leverage uniform; L_t = 1)."""
     volatility_law = jnp.sum(initial_law(model), axis=0).reshape(-1)
-    return float(volatility_law @ jnp.exp(volatility_log_scales(model)))
+    return volatility_law @ jnp.exp(volatility_log_scales(model))
 
 
 def init_model(
@@ -181,7 +185,7 @@ def init_model(
     if points.shape[0] > _MAX_KMEANS_POINTS:
         chosen = np.asarray(jax.random.choice(key_subsample, points.shape[0], (_MAX_KMEANS_POINTS,), replace=False))
         points = points[chosen]
-    points = jnp.asarray(points)
+    points = as_array(points)
     if method == "hmm":
         regime_of = _hmm_regimes(key_regimes, spec, y, mask, points, num_seeds, hmm_iters)
         regime_of = regime_of if chosen is None else regime_of[chosen]
@@ -212,7 +216,7 @@ def _partition_start(key: PRNGKeyArray, spec: ModelSpec, points: Array, regime_o
     if not spec.gaussian:
         natural["dof"] = np.full((G, K), 10.0)
     covariances = covariances.reshape(G, K, D, D)
-    mean_scale = _mean_scale(FHMV.from_natural_parameters(spec, **natural, covariances=covariances))
+    mean_scale = float(_mean_scale(FHMV.from_natural_parameters(spec, **natural, covariances=covariances)))
     mask = np.ones(D) if spec.scale_mask is None else np.asarray(spec.scale_mask, float)
     unscale = mean_scale ** (-mask / 2)
     return FHMV.from_natural_parameters(spec, **natural, covariances=covariances * unscale[:, None] * unscale[None, :])

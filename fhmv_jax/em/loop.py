@@ -14,8 +14,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from .._compile import fast_jit
-from .._types import Array, Scalar
+from .._types import Array, Bool, Int, Scalar
 from ..model.fhmv import FHMV, sequence_log_likelihood
+from ..model.params import as_array
 from .m_step import CovariancePrior, log_prior, m_step
 from .sharding import gathered_statistics, on_mesh, replicate, total_log_likelihood
 from .stats import batch_e_step
@@ -160,6 +161,12 @@ _objective_restarts = eqx.filter_jit(eqx.filter_vmap(batch_objective, in_axes=_R
 """The restarts' programs compile with XLA's defaults: it rejects YNNPACK fusions of some of their layouts."""
 
 
+@eqx.filter_jit
+def _restart(models: FHMV, index: Int[Array, ""]) -> FHMV:
+    """The model of restart ``index`` of a stack (``stack_models``)."""
+    return jax.tree.map(lambda leaf: leaf[index], models)
+
+
 def stack_models(models: list[FHMV]) -> FHMV:
     """One model whose every parameter has a leading axis over ``models`` (for ``run_em(stacked=True)``)."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *models)
@@ -174,7 +181,11 @@ def _select(flags: np.ndarray, chosen: FHMV, other: FHMV, stacked: bool) -> FHMV
     """Per restart, ``chosen`` where ``flags`` holds, else ``other``."""
     if not stacked:
         return chosen if bool(flags[0]) else other
-    flags = jnp.asarray(flags)
+    return _where_restarts(as_array(flags), chosen, other)
+
+
+@eqx.filter_jit
+def _where_restarts(flags: Bool[Array, " R"], chosen: FHMV, other: FHMV) -> FHMV:
     return jax.tree.map(lambda a, b: jnp.where(flags.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), chosen, other)
 
 
@@ -193,7 +204,12 @@ def squarem_point(cycle: list[FHMV], max_length: float, stacked: bool) -> tuple[
     Returns:
         (theta', [R] -alpha per restart).
     """
-    first, second, third = cycle
+    point, length = _extrapolate(*cycle, as_array(max_length, cycle[0].dtype), stacked)
+    return point, np.atleast_1d(np.asarray(length))
+
+
+@eqx.filter_jit
+def _extrapolate(first: FHMV, second: FHMV, third: FHMV, max_length: Scalar, stacked: bool) -> tuple[FHMV, Array]:
     r = jax.tree.map(jnp.subtract, second, first)
     v = jax.tree.map(lambda a, b, c: c - 2 * b + a, first, second, third)
 
@@ -207,7 +223,7 @@ def squarem_point(cycle: list[FHMV], max_length: float, stacked: bool) -> tuple[
         alpha = length.reshape((-1,) + (1,) * (a.ndim - 1)) if stacked else length
         return a + 2 * alpha * dr + alpha**2 * dv
 
-    return jax.tree.map(extrapolated, first, r, v), np.atleast_1d(np.asarray(length))
+    return jax.tree.map(extrapolated, first, r, v), length
 
 
 _SQUAREM_GROWTH = 4.0
@@ -336,7 +352,7 @@ def run_em(
     log_liks, objectives = np.stack(log_liks), np.stack(objectives)
     best = int(np.argmax(objectives[-1]))
     if stacked:
-        model = jax.tree.map(lambda leaf: leaf[best], model)
+        model = _restart(model, as_array(best))
     stalled = tuple(name for name, flags in stalled.items() if np.atleast_1d(np.asarray(flags))[best])
     return FitResult(model, log_liks[:, best], converged and not stalled, len(log_liks) - 1, objectives[:, best],
                      log_liks[-1], objectives[-1], stalled=stalled)

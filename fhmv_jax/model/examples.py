@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import numpy as np
 
-from .._types import PRNGKeyArray
+from .._types import Array, PRNGKeyArray
 from .fhmv import FHMV
 from .spec import ModelSpec
 
@@ -19,16 +21,15 @@ def example_model(key: PRNGKeyArray) -> FHMV:
     """
     spec = ModelSpec(driver_feature=5)
     G, K, D = spec.num_regimes, spec.num_components, spec.num_features
-    k_regime, k_component, k_cov = jax.random.split(key, 3)
-    means = 1.5 * jax.random.normal(k_regime, (G, 1, D)) + 0.3 * jax.random.normal(k_component, (G, K, D))
+    means, factor = (np.asarray(a) for a in _draws(key, G, K, D))
     A = np.full((G, G), 0.05 / (G - 1)) + np.eye(G) * (0.95 - 0.05 / (G - 1))
-    factor = np.asarray(jax.random.normal(k_cov, (G, K, D, D))) * 0.2
+    factor = factor * 0.2
     return FHMV.from_natural_parameters(
         spec,
         initial_regime=np.full(G, 1 / G),
         regime_transition=A,
         weights=np.full((G, K), 1 / K),
-        means=np.asarray(means),
+        means=means,
         covariances=factor @ np.swapaxes(factor, -1, -2) + 0.5 * np.eye(D),
         dof=np.full((G, K), 8.0),
         persistence_stay=np.full(2, 0.98),
@@ -39,3 +40,11 @@ def example_model(key: PRNGKeyArray) -> FHMV:
         l1=1.5,
         leverage_logits=np.stack([np.array([[0.0, -2.0], [0.0, 2.0]]), np.array([[0.0, -1.0], [0.0, -1.0]])]),
     )
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _draws(key: PRNGKeyArray, G: int, K: int, D: int) -> tuple[Array, Array]:
+    """The example's random means [G, K, D] and covariance factors [G, K, D, D] (one compiled program)."""
+    k_regime, k_component, k_cov = jax.random.split(key, 3)
+    means = 1.5 * jax.random.normal(k_regime, (G, 1, D)) + 0.3 * jax.random.normal(k_component, (G, K, D))
+    return means, jax.random.normal(k_cov, (G, K, D, D))

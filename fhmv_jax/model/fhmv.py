@@ -260,8 +260,9 @@ class FHMV(eqx.Module):
         return {name: a for name, a in self.raw_arrays().items() if a is not None and name not in fixed}
 
     def natural_parameters(self) -> dict[str, Array]:
-        """Constrained parameter values; keys the spec does not use are absent (ARCHITECTURE.md)."""
-        return {k: v for block in self.blocks().values() for k, v in block.natural().items()}
+        """Constrained parameter values; keys the spec does not use are absent (ARCHITECTURE.md). One compiled
+        program per spec and dtype, not a compilation of every operation."""
+        return _natural_parameters(self)
 
     @property
     def num_free_parameters(self) -> int:
@@ -345,6 +346,11 @@ class FHMV(eqx.Module):
 
 # ----------------------------------------------------------------------------------------
 # parameters -> inference inputs
+
+
+@eqx.filter_jit
+def _natural_parameters(model: FHMV) -> dict[str, Array]:
+    return {k: v for block in model.blocks().values() for k, v in block.natural().items()}
 
 
 def _outer(vectors) -> Array:

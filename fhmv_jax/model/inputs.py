@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..validation import check_finite_rows
+from .params import as_array
 from .spec import ModelSpec
 
 
@@ -45,7 +45,7 @@ def check_observations(spec: ModelSpec, y, x=None, *, dtype=None, min_steps: int
         ValueError: wrong rank, shape or feature count; too few steps; NaN or inf; a missing
             driver for a leverage mode that needs one.
     """
-    y = jnp.asarray(y, dtype=dtype)
+    y = as_array(y, dtype)
     if y.ndim != 2:
         raise ValueError(f"y must be a [T, D] array of observations, got shape {y.shape}")
     num_steps, num_features = y.shape
@@ -60,7 +60,7 @@ def check_observations(spec: ModelSpec, y, x=None, *, dtype=None, min_steps: int
         if spec.driver_feature is None:
             raise missing_driver(spec)
         return y, y[:, spec.driver_feature]
-    x = jnp.asarray(x, dtype=dtype)
+    x = as_array(x, dtype)
     if x.shape != (num_steps,):
         raise ValueError(f"driver x must have shape ({num_steps},) to match y, got {x.shape}")
     if not _is_traced(x):
@@ -122,7 +122,7 @@ def check_sequences(spec: ModelSpec, y, x=None, lengths=None, *, dtype=None, min
             raise ValueError(prefix + str(error)) from None
     y = np.where(mask[..., None], y, 0.0)
     x = None if x is None else np.where(mask, x, 0.0)
-    return jnp.asarray(y, dtype=dtype), None if x is None else jnp.asarray(x, dtype=dtype), jnp.asarray(mask)
+    return as_array(y, dtype), as_array(x, dtype), as_array(mask)
 
 
 def check_observation_row(spec: ModelSpec, y_t, x_t=None, *, dtype=None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -121,22 +121,33 @@ def bounded(raw: Array, low: float, high: float) -> Array:
     return low + (high - low) * jax.nn.sigmoid(raw)
 
 
+def _namespace(value):
+    """numpy for host values (``from_natural``'s), so that building a model compiles nothing; jax.numpy for
+    device and traced arrays (the M-step)."""
+    return jnp if isinstance(value, jax.Array) else np
+
+
 def safe_log(p: Array) -> Array:
     """log p with zero probabilities mapped to log(tiny), a finite logit."""
-    p = jnp.asarray(p)
-    return jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
+    xp = _namespace(p)
+    p = xp.asarray(p)
+    return xp.log(xp.maximum(p, xp.finfo(p.dtype).tiny))
 
 
 def logit(p: Array) -> Array:
     """log(p / (1 - p)), with p clipped into (0, 1) so that 0 and 1 stay finite."""
-    p = jnp.asarray(p)
-    p = jnp.clip(p, jnp.finfo(p.dtype).tiny, 1 - jnp.finfo(p.dtype).epsneg)
-    return jnp.log(p) - jnp.log1p(-p)
+    xp = _namespace(p)
+    p = xp.asarray(p)
+    p = xp.clip(p, xp.finfo(p.dtype).tiny, 1 - xp.finfo(p.dtype).epsneg)
+    return xp.log(p) - xp.log1p(-p)
 
 
-def as_array(value, dtype) -> Array | None:
-    """``jnp.asarray(value, dtype)``, ``None`` kept."""
-    return None if value is None else jnp.asarray(value, dtype=dtype)
+def as_array(value, dtype=None) -> Array | None:
+    """``jnp.asarray(value, dtype)``, ``None`` kept. A host value is cast on the host and transferred, which
+    compiles nothing (``jnp.asarray`` of a host array compiles a copy program per shape)."""
+    if value is None or isinstance(value, jax.Array):
+        return None if value is None else jnp.asarray(value, dtype=dtype)
+    return jax.device_put(np.asarray(value, dtype=dtype))
 
 
 def check_stochastic(name: str, probs: np.ndarray, atol: float = 1e-6) -> None:
