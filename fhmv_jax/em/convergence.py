@@ -118,9 +118,10 @@ def check_score(model: FHMV, y: Array, x: Array | None, mask: Array, prior: Cova
     h = _difference_step(model.dtype)
     zeros = {k: np.zeros(np.shape(score[k])) for k in names}
     basis = np.stack([_flatten(zeros | d, names) for d in directions]) if directions else np.zeros((0, 0))
+    host = {k: np.asarray(raw[k]) for k in names}
     columns = []
     for direction in directions:
-        moved = gradient({k: np.asarray(raw[k]) + h * direction[k] if k in direction else raw[k] for k in raw})
+        moved = gradient({k: host[k] + h * direction[k] if k in direction else raw[k] for k in raw})
         columns.append(basis @ (_flatten(moved, names) - flat_score) / h)
     remaining = 0.0
     if directions:

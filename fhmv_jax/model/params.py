@@ -145,8 +145,10 @@ def logit(p: Array) -> Array:
 def as_array(value, dtype=None) -> Array | None:
     """``jnp.asarray(value, dtype)``, ``None`` kept. A host value is cast on the host and transferred, which
     compiles nothing (``jnp.asarray`` of a host array compiles a copy program per shape)."""
-    if value is None or isinstance(value, jax.Array):
-        return None if value is None else jnp.asarray(value, dtype=dtype)
+    if value is None:
+        return None
+    if isinstance(value, jax.Array):
+        return jnp.asarray(value, dtype=dtype)
     return jax.device_put(np.asarray(value, dtype=dtype))
 
 
