@@ -8,6 +8,7 @@ Usage:
     python experiments/benchmark.py stream --steps 1000 10000 100000
     python experiments/benchmark.py published --chains 2 4 8 10 --steps 5000   # S&P 500 returns (needs arch)
     python experiments/benchmark.py standard_errors --steps 10000   # the default spec's standard errors
+    python experiments/benchmark.py score --steps 2000 20000 100000   # the score: autodiff vs forward-backward
     python experiments/benchmark.py coverage --replications 200 --steps 2000   # Wald intervals' coverage
     python experiments/benchmark.py scale --scale-parts inference --states 16 48 96 --steps 1000 100000 1000000
     python experiments/benchmark.py scale --scale-parts em --steps 1000 10000      # one EM iteration, both backends
@@ -22,6 +23,7 @@ the best); compile time is measured separately with ahead-of-time lowering and c
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -31,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import fhmv_jax
-from fhmv_jax import init_stream, stream_filter, stream_step
+from fhmv_jax import FHMV, init_stream, stream_filter, stream_step
 from fhmv_jax.em import CovariancePrior, em_step, init_model
+from fhmv_jax.em.convergence import check_score
+from fhmv_jax.em.loop import batch_objective
 from fhmv_jax.em.m_step import m_step
 from fhmv_jax.em.stats import batch_e_step
 from fhmv_jax.model import example_model
@@ -78,20 +82,60 @@ def run(which: str, steps: list[int], repeats: int) -> list[str]:
     return rows
 
 
-def run_em(steps: list[int], repeats: int) -> list[str]:
-    """Seconds per ECM iteration (E-step + M-step) of the default spec on data it generated."""
+def _default_spec_starts(steps: list[int]):
+    """Per length T: (T, the example model, its k-means start on T steps it generated, their (y, x, mask))."""
     model = example_model(jax.random.key(0))
-    prior = CovariancePrior(jnp.asarray(1e-2), jnp.asarray(1e-2))
-    rows = ["| T | compile (s) | s / EM iteration |", "|---|---|---|"]
     for T in steps:
         sample = model.sample(jax.random.key(T), T)
         start = init_model(jax.random.key(1), model.spec, sample.observations)
-        args = (start, *check_sequences(model.spec, sample.observations, sample.driver), prior)
+        yield T, model, start, check_sequences(model.spec, sample.observations, sample.driver)
+
+
+def run_em(steps: list[int], repeats: int) -> list[str]:
+    """Seconds per ECM iteration (E-step + M-step) of the default spec on data it generated."""
+    prior = CovariancePrior(jnp.asarray(1e-2), jnp.asarray(1e-2))
+    rows = ["| T | compile (s) | s / EM iteration |", "|---|---|---|"]
+    for T, _, start, data in _default_spec_starts(steps):
+        args = (start, *data, prior)
         begin = time.perf_counter()
         em_step.lower(*args).compile()
         compiled = time.perf_counter() - begin
         seconds = best_of(em_step, args, repeats)
         rows.append(f"| {T} | {compiled:.2f} | {seconds:.4f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _penalised(raw, spec, y, x, mask, prior, scored: bool):
+    info = batch_objective(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, scored=scored)
+    return info.log_likelihood + info.log_prior
+
+
+def run_score(steps: list[int], repeats: int) -> list[str]:
+    """The gradient of the penalised log-likelihood in the unconstrained arrays (what ``check_score`` and
+    ``fit_gradient`` take) of the default spec at a k-means start, by reverse-mode differentiation through the
+    filter and by one forward-backward pass (``scored_log_likelihood``), and one ``check_score``."""
+    prior = CovariancePrior(jnp.asarray(1e-2), jnp.asarray(1e-2))
+    rows = ["| T | gradient | compile (s) | run (s) | max relative difference |", "|---|---|---|---|---|"]
+    for T, model, start, (y, x, mask) in _default_spec_starts(steps):
+        gradients = {}
+        for name, scored in (("autodiff", False), ("forward-backward", True)):
+            gradient = jax.grad(functools.partial(_penalised, spec=model.spec, y=y, x=x, mask=mask, prior=prior,
+                                                  scored=scored))
+            args = (start.raw_arrays(),)
+            compiled = compile_seconds(gradient, args)
+            seconds = best_of(jax.jit(gradient), args, repeats)
+            gradients[name] = jax.jit(gradient)(*args)
+            difference = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) for a, b in zip(
+                jax.tree.leaves(gradients["autodiff"]), jax.tree.leaves(gradients[name]), strict=True) if a.size)
+            rows.append(f"| {T} | {name} | {compiled:.2f} | {seconds:.4f} | {difference:.1e} |")
+            print(rows[-1], flush=True)
+        check_score(start, y, x, mask, prior)
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            check = check_score(start, y, x, mask, prior)
+        seconds = (time.perf_counter() - begin) / repeats
+        rows.append(f"| {T} | check_score ({len(check.score)} arrays) | | {seconds:.4f} | |")
         print(rows[-1], flush=True)
     return rows
 
@@ -520,7 +564,7 @@ def run_scale_batches(num_sequences: list[int], num_steps: int, chunk: int, dtyp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["log_likelihood", "inference", "em", "gmm", "stream", "published",
-                                          "standard_errors", "coverage", "scale"])
+                                          "standard_errors", "coverage", "scale", "score"])
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="sequence lengths (default 1000 10000 100000; published: 5000)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -572,6 +616,8 @@ def main() -> None:
         rows = run_coverage(args.replications, args.steps[0])
     elif args.which == "em":
         rows = run_em(args.steps, args.repeats)
+    elif args.which == "score":
+        rows = run_score(args.steps, args.repeats)
     elif args.which == "gmm":
         rows = run_gmm(args.steps, args.repeats)
     elif args.which == "stream":

@@ -9,6 +9,7 @@ from helpers import random_natural
 from jax.flatten_util import ravel_pytree
 
 from fhmv_jax import FHMV
+from fhmv_jax.model.fhmv import scored_log_likelihood, sequence_log_likelihood
 
 
 @pytest.mark.parametrize("name", list(TINY_SPECS))
@@ -45,3 +46,39 @@ def test_gradient_reaches_every_factor_parameter(rng):
                        "dof_raw": grads.emission.dof_raw}.items():
         if grad is not None:
             assert np.any(np.asarray(grad) != 0), name
+
+
+@pytest.mark.parametrize(("name", "method"), [(name, "sequential") for name in TINY_SPECS] + [("markov", "parallel")])
+def test_score_by_forward_backward_is_the_autodiff_gradient(rng, name, method):
+    """``scored_log_likelihood``'s gradient (Fisher's identity, one forward-backward pass) against reverse-mode
+    differentiation through the filter, on blocks of 16 steps: a full sequence, a ragged one and an empty one."""
+    spec = TINY_SPECS[name]
+    model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
+    y = jnp.asarray(rng.normal(size=(3, 60, spec.num_features)) * 1.3)
+    x = jnp.asarray(rng.normal(size=(3, 60))) if spec.needs_driver else None
+    mask = jnp.arange(60)[None, :] < jnp.array([60, 37, 0])[:, None]
+    options = {"block_steps": 16, "method": method}
+
+    @jax.jit
+    def gradients(model):
+        def per_sequence(log_likelihood):
+            def one(yb, xb, mb):
+                return jax.value_and_grad(lambda m: log_likelihood(m, yb, xb, mb, **options))(model)
+            return jax.vmap(one)(y, x, mask)
+        return per_sequence(sequence_log_likelihood), per_sequence(scored_log_likelihood)
+
+    (values, autodiff), (scored_values, scored) = gradients(model)
+    np.testing.assert_array_equal(scored_values, values)
+    for reference, got in zip(jax.tree.leaves(autodiff), jax.tree.leaves(scored), strict=True):
+        for b in (0, 1):
+            np.testing.assert_allclose(got[b], reference[b], rtol=0, atol=1e-10 * (1 + np.max(np.abs(reference[b]))))
+        assert np.all(got[2] == 0)  # no valid step: no score
+    assert any(np.any(g[:2] != 0) for g in jax.tree.leaves(scored))
+
+
+def test_the_scored_log_likelihood_refuses_derivatives_in_the_data(rng):
+    spec = TINY_SPECS["none"]
+    model = FHMV.from_natural_parameters(spec, **random_natural(spec, rng))
+    y, mask = jnp.asarray(rng.normal(size=(20, 2))), jnp.ones(20, bool)
+    with pytest.raises(ValueError, match="differentiates the model only"):
+        jax.grad(lambda yy: scored_log_likelihood(model, yy, None, mask))(y)

@@ -47,7 +47,8 @@ def _penalised(raw: dict[str, Array | None], spec, y: Array, x: Array | None, ma
                block_steps: int | None, method: str = "sequential", batch_chunk: int | None = None,
                mesh: Mesh | None = None) -> Scalar:
     """The penalised log-likelihood as a function of the unconstrained arrays ``raw`` (``FHMV.raw_arrays``)."""
-    info = batch_objective(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, block_steps, method, batch_chunk, mesh)
+    info = batch_objective(FHMV.from_raw_arrays(spec, raw), y, x, mask, prior, block_steps, method, batch_chunk, mesh,
+                           scored=True)
     return info.log_likelihood + info.log_prior
 
 

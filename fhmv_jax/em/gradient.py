@@ -52,7 +52,7 @@ def _model(model: FHMV, params: dict[str, Array], hold: dict[str, Array] | None 
 
 def _loss(params, model: FHMV, hold, y, x, mask, prior: CovariancePrior, scale, num_steps) -> Scalar:
     """-(scale log p(y) + log prior) / n."""
-    info = batch_objective(_model(model, params, hold), y, x, mask, prior)
+    info = batch_objective(_model(model, params, hold), y, x, mask, prior, scored=True)
     return -(scale * info.log_likelihood + info.log_prior) / num_steps
 
 

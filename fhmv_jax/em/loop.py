@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from .._compile import fast_jit
 from .._types import Array, Bool, Int, Scalar
-from ..model.fhmv import FHMV, sequence_log_likelihood
+from ..model.fhmv import FHMV, scored_log_likelihood, sequence_log_likelihood
 from ..model.params import as_array
 from .m_step import CovariancePrior, log_prior, m_step
 from .sharding import gathered_statistics, on_mesh, replicate, total_log_likelihood
@@ -133,22 +133,26 @@ _em_step_restarts = eqx.filter_jit(eqx.filter_vmap(_em_step, in_axes=_RESTART_AX
 
 
 def sequence_log_likelihoods(
-    model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None, method: str = "sequential"
+    model: FHMV, y: Array, x: Array | None, mask: Array, *, block_steps: int | None = None, method: str = "sequential",
+    scored: bool = False,
 ) -> Array:
-    """[B] log p(y_b) of padded sequences [B, T, D]; exactly zero for a sequence of length zero."""
+    """[B] log p(y_b) of padded sequences [B, T, D]; exactly zero for a sequence of length zero. ``scored``: first
+    derivatives with respect to ``model`` by ``scored_log_likelihood`` (one forward-backward pass)."""
+    log_likelihood = scored_log_likelihood if scored else sequence_log_likelihood
+
     def sequence(yb, xb, mb):
-        return sequence_log_likelihood(model, yb, xb, mb, block_steps=block_steps, method=method)
+        return log_likelihood(model, yb, xb, mb, block_steps=block_steps, method=method)
 
     return jnp.where(jnp.any(mask, axis=1), jax.vmap(sequence)(y, x, mask), 0.0)
 
 
 def batch_objective(
     model: FHMV, y: Array, x: Array | None, mask: Array, prior: CovariancePrior, block_steps: int | None = None,
-    method: str = "sequential", batch_chunk: int | None = None, mesh: Mesh | None = None,
+    method: str = "sequential", batch_chunk: int | None = None, mesh: Mesh | None = None, scored: bool = False,
 ) -> StepInfo:
     """The log-likelihood of padded sequences [B, T, D] and the covariance log-prior (no update); the options
-    as ``em_step``'s."""
-    log_likelihoods = partial(sequence_log_likelihoods, block_steps=block_steps, method=method)
+    as ``em_step``'s, and ``scored`` as ``sequence_log_likelihoods``'s."""
+    log_likelihoods = partial(sequence_log_likelihoods, block_steps=block_steps, method=method, scored=scored)
     if batch_chunk is None and mesh is None:
         log_lik = jnp.sum(log_likelihoods(model, y, x, mask))
     else:
