@@ -610,9 +610,9 @@ def scored_log_likelihood(
 ) -> Scalar:
     """``sequence_log_likelihood`` whose derivative with respect to ``model`` is ``log_likelihood_and_score``'s
     (one forward-backward pass instead of reverse-mode differentiation through the filter's scans: several times
-    faster, and far faster to compile). For first derivatives with respect to ``model`` only (``jax.grad``,
-    ``jax.vjp``): a derivative with respect to y or x raises a ``ValueError``, and second derivatives would
-    differentiate the forward-backward pass."""
+    faster, and faster to compile). Meant for first derivatives with respect to ``model`` (``jax.grad``,
+    ``jax.vjp``: ``check_score``, ``fit_gradient``); a derivative with respect to y or x raises a ``ValueError``.
+    The diagnostics' Hessians differentiate ``sequence_log_likelihood``."""
     return _scored_log_likelihood(model, y, x, mask, block_steps, method)
 
 
