@@ -23,6 +23,7 @@ models do: a step's D features are one observation of a dependent series, not D 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -42,7 +43,14 @@ from .em.loop import FitResult, batch_objective
 from .em.m_step import CovariancePrior
 from .em.stats import batch_e_step
 from .information import emission_coordinates, emission_hessian, other_coordinates
-from .model.fhmv import FHMV, natural_bounds, natural_shapes, sequence_filter, sequence_log_likelihood
+from .model.fhmv import (
+    FHMV,
+    natural_bounds,
+    natural_shapes,
+    scored_log_likelihood,
+    sequence_filter,
+    sequence_log_likelihood,
+)
 from .model.inputs import check_sequences
 from .precision import warn_if_float32_on_cpu
 
@@ -157,9 +165,12 @@ def model_at(model: FHMV, layout: FlatLayout, theta: Float[Array, " P"]) -> FHMV
 # the compiled programs: value and gradient, Hessian-vector and per-step Jacobian-vector products
 
 
-def _total(theta, model: FHMV, layout: FlatLayout, y, x, mask) -> Scalar:
+def _total(theta, model: FHMV, layout: FlatLayout, y, x, mask, scored: bool = False) -> Scalar:
+    """log p(y) of every sequence at ``theta``; ``scored``: first derivatives by one forward-backward pass
+    (``scored_log_likelihood``), not by differentiating the filter (which the Hessian-vector products do)."""
     at = model_at(model, layout, theta)
-    return jnp.sum(jax.vmap(lambda yb, xb, mb: sequence_log_likelihood(at, yb, xb, mb))(y, x, mask))
+    log_likelihood = scored_log_likelihood if scored else sequence_log_likelihood
+    return jnp.sum(jax.vmap(lambda yb, xb, mb: log_likelihood(at, yb, xb, mb))(y, x, mask))
 
 
 def _per_step(theta, model: FHMV, layout: FlatLayout, y, x, mask) -> Float[Array, "B T"]:
@@ -167,7 +178,7 @@ def _per_step(theta, model: FHMV, layout: FlatLayout, y, x, mask) -> Float[Array
     return jax.vmap(lambda yb, xb, mb: sequence_filter(at, yb, xb, mb).step_log_likelihoods)(y, x, mask)
 
 
-_value_and_gradient = eqx.filter_jit(jax.value_and_grad(_total))
+_value_and_gradient = eqx.filter_jit(jax.value_and_grad(functools.partial(_total, scored=True)))
 
 
 @eqx.filter_jit
