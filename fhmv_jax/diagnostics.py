@@ -39,18 +39,11 @@ from tqdm.auto import tqdm
 from ._compile import classic_emitters, fast_jit
 from ._types import Array, Float, Scalar
 from .em.gradient import fit_gradient
-from .em.loop import FitResult, batch_objective
+from .em.loop import FitResult, batch_objective, sequence_log_likelihoods
 from .em.m_step import CovariancePrior
 from .em.stats import batch_e_step
 from .information import emission_coordinates, emission_hessian, other_coordinates
-from .model.fhmv import (
-    FHMV,
-    natural_bounds,
-    natural_shapes,
-    scored_log_likelihood,
-    sequence_filter,
-    sequence_log_likelihood,
-)
+from .model.fhmv import FHMV, natural_bounds, natural_shapes, sequence_filter
 from .model.inputs import check_sequences
 from .precision import warn_if_float32_on_cpu
 
@@ -167,10 +160,8 @@ def model_at(model: FHMV, layout: FlatLayout, theta: Float[Array, " P"]) -> FHMV
 
 def _total(theta, model: FHMV, layout: FlatLayout, y, x, mask, scored: bool = False) -> Scalar:
     """log p(y) of every sequence at ``theta``; ``scored``: first derivatives by one forward-backward pass
-    (``scored_log_likelihood``), not by differentiating the filter (which the Hessian-vector products do)."""
-    at = model_at(model, layout, theta)
-    log_likelihood = scored_log_likelihood if scored else sequence_log_likelihood
-    return jnp.sum(jax.vmap(lambda yb, xb, mb: log_likelihood(at, yb, xb, mb))(y, x, mask))
+    (``sequence_log_likelihoods``), not by differentiating the filter (which the Hessian-vector products do)."""
+    return jnp.sum(sequence_log_likelihoods(model_at(model, layout, theta), y, x, mask, scored=scored))
 
 
 def _per_step(theta, model: FHMV, layout: FlatLayout, y, x, mask) -> Float[Array, "B T"]:
