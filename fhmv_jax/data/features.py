@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy.signal import lfilter
 
 from ..validation import check_finite_rows
 
@@ -54,6 +53,8 @@ def ewma(values, span: float, initial=None, axis: int = 0) -> np.ndarray:
     a = 2.0 / (span + 1.0)
     initial = np.take(values, 0, axis=axis) if initial is None else np.asarray(initial, np.float64)
     state = np.expand_dims((1 - a) * initial, axis)
+    from scipy.signal import lfilter  # imported here: scipy.signal takes about 1 s, half of fhmv_jax's import
+
     return lfilter([a], [1.0, a - 1.0], values, axis=axis, zi=state)[0]
 
 

@@ -9,7 +9,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.signal import lfilter
 
 from .._compile import llvm_o2
 from .._types import PRNGKeyArray
@@ -158,6 +157,8 @@ def _simulate_batch(keys: PRNGKeyArray, frequencies, transition, initial_price, 
 
 def _post_process(features: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """Smooth Vol and RPN (x_t += 0.1 x_{t-1}, recursively), Abs -= 0.3 Vol, clip RPN, add noise."""
+    from scipy.signal import lfilter  # imported here: scipy.signal takes about 1 s, half of fhmv_jax's import
+
     out = features.copy()
     for name in SMOOTHED:
         d = FEATURE_NAMES.index(name)
