@@ -46,7 +46,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from ..model.fhmv import FHMV
 
@@ -125,6 +124,8 @@ def _assignment(score: np.ndarray) -> np.ndarray:
     With more fitted regimes (rows) than reference indices (columns), the rows left over get
     the indices after the columns, in row order (the "extra" regimes of the module docstring).
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: scipy.optimize takes about 0.3 s
+
     num_fitted, num_reference = score.shape
     rows, cols = linear_sum_assignment(score, maximize=True)
     mapping = np.full(num_fitted, -1, dtype=np.int64)
