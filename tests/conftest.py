@@ -7,9 +7,8 @@ a write) on a fresh clone. The worker's name is known from ``pytest_configure`` 
 
 Every compiled program holds a few memory mappings of its machine code (one spec's ``init_model`` and
 ``fit_em``: about 180 programs, 2,700 mappings), and a worker that keeps every program of the suite passes
-the kernel's limit of 65,530 and crashes inside XLA. So compiled programs are released after a test module
-once the worker holds ``MAX_MAPPINGS`` mappings; a later module that needs one again loads it from the worker's
-cache directory.
+the kernel's limit of 65,530 and crashes inside XLA. So compiled programs are released after each test module;
+a later module that needs one again loads it from the worker's cache directory.
 
 XLA compilation is about 70% of the suite's time (1,900 of 2,750 worker-seconds, measured with JAX's
 compile events), mostly small kernels: XLA:CPU builds each fusion in an MLIR context of its own. The suite
@@ -67,26 +66,10 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedProgramScheduling(config, log)
 
 
-MAX_MAPPINGS = 30_000
-"""Release compiled programs after a module once the worker holds this many memory mappings. One module adds at
-most about 17,000 (``tests/test_em.py``: 3,398 -> 20,107), so a worker stays below 47,000 of the kernel's 65,530
-(32,928 at most in a full run). Until then a later module finds the programs it shares with earlier ones compiled:
-no trace, lowering or cache read again."""
-
-
-def _memory_mappings() -> int:
-    try:
-        with open("/proc/self/maps") as maps:
-            return sum(1 for _ in maps)
-    except OSError:  # no procfs (macOS): release after every module
-        return MAX_MAPPINGS
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     yield
-    if _memory_mappings() >= MAX_MAPPINGS:
-        jax.clear_caches()
+    jax.clear_caches()
 
 
 @pytest.fixture
