@@ -62,9 +62,9 @@ def test_score_by_forward_backward_is_the_autodiff_gradient(rng, name, method):
 
     @jax.jit
     def gradients(model):
-        def per_sequence(log_likelihood, method):
+        def per_sequence(log_likelihood, via):
             def one(yb, xb, mb):
-                return jax.value_and_grad(lambda m: log_likelihood(m, yb, xb, mb, block_steps=16, method=method))(model)
+                return jax.value_and_grad(lambda m: log_likelihood(m, yb, xb, mb, block_steps=16, method=via))(model)
             return jax.vmap(one)(y, x, mask)
         return per_sequence(sequence_log_likelihood, "sequential"), per_sequence(scored_log_likelihood, method)
 

@@ -47,14 +47,14 @@ def ewma(values, span: float, initial=None, axis: int = 0) -> np.ndarray:
     Returns:
         The EWMA, shaped like ``values``.
     """
+    from scipy.signal import lfilter  # imported here: scipy.signal takes about 1 s, half of fhmv_jax's import
+
     if not span >= 1:
         raise ValueError(f"an EWMA span must be >= 1 step, got {span}")
     values = np.asarray(values, dtype=np.float64)
     a = 2.0 / (span + 1.0)
     initial = np.take(values, 0, axis=axis) if initial is None else np.asarray(initial, np.float64)
     state = np.expand_dims((1 - a) * initial, axis)
-    from scipy.signal import lfilter  # imported here: scipy.signal takes about 1 s, half of fhmv_jax's import
-
     return lfilter([a], [1.0, a - 1.0], values, axis=axis, zi=state)[0]
 
 
