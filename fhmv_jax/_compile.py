@@ -16,7 +16,8 @@ compiles with XLA's defaults instead (``fast_jit.plain``).
 The standard errors' programs (``information``, ``diagnostics``) compile with ``classic_emitters()``.
 
 The sampler's scan is long straight-line code (threefry, gamma draws) that LLVM's -O3 spends its time on:
-``llvm_o2()`` compiles it 20-40% faster into a program that draws the same numbers, as fast (docs/benchmarks.md).
+``llvm_o2()`` compiles it 20-40% faster into a program that draws the same numbers, as fast (docs/benchmarks.md);
+the example model's draws, 8 times faster.
 """
 
 from __future__ import annotations
